@@ -1,0 +1,1 @@
+"""Ray entrypoints: one thin module per stage (`python -m pipelines.<stage>`)."""

@@ -1,0 +1,77 @@
+"""What every stage entrypoint shares: argument parsing, exit codes, Ray start-up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from videobert.config import ConfigError, ExperimentConfig, load_config
+from videobert.storage import StorageError
+
+log = logging.getLogger("videobert")
+
+EXIT_OK = 0
+EXIT_CONFIG = 2
+EXIT_STORAGE = 3
+
+# Variables a worker on another node needs to reach the same services. Credentials are
+# deliberately absent: on a cluster they come from the node's instance profile / env.
+FORWARDED_ENV = (
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "MLFLOW_TRACKING_URI",
+    "TORCH_EXTENSIONS_DIR",
+    "HF_HUB_OFFLINE",
+    "TORCH_HOME",
+)
+
+
+def parse_args(stage: str, argv: list[str] | None) -> ExperimentConfig:
+    parser = argparse.ArgumentParser(
+        prog=f"videobert {stage}", description=f"Run the {stage} stage of the VideoBERT pipeline."
+    )
+    parser.add_argument("--config", help="experiment YAML (see configs/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field by dotted key, e.g. --set decode.fps=10 (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    return load_config(args.config, args.overrides)
+
+
+def stage_main(stage: str, run: Callable[[ExperimentConfig], Any], argv: list[str] | None = None) -> int:
+    """Parse arguments, run the stage, map failures to clear messages and exit codes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = parse_args(stage, argv)
+        run(config)
+    except ConfigError as error:
+        print(f"videobert {stage}: config error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StorageError as error:
+        print(f"videobert {stage}: storage error: {error}", file=sys.stderr)
+        return EXIT_STORAGE
+    return EXIT_OK
+
+
+def init_ray() -> None:
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    ray.init(
+        address=os.environ.get("RAY_ADDRESS") or None,
+        runtime_env={"env_vars": env_vars} if env_vars else None,
+        log_to_driver=True,
+    )

@@ -1,0 +1,406 @@
+"""Typed experiment configuration: one YAML file describes a whole experiment.
+
+Every stage takes the same file and reads the sections it needs. Values come from
+the dataclass defaults (the paper's recipe), then the YAML file, then `--set a.b=c`
+overrides. Unknown keys and values of the wrong type are errors that name the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the key."""
+
+
+@dataclass
+class S3Config:
+    """Where S3 lives. Credentials never go here: they come from the standard AWS variables."""
+
+    endpoint_url: str | None = None
+    """S3 endpoint (e.g. http://127.0.0.1:9000); falls back to AWS_ENDPOINT_URL."""
+    region: str | None = None
+    """AWS region; falls back to AWS_REGION / AWS_DEFAULT_REGION, then us-east-1."""
+    max_attempts: int = 5
+    """Attempts per request, with exponential backoff, before an error is permanent."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ConfigError("s3.max_attempts must be >= 1")
+
+
+@dataclass
+class DecodeConfig:
+    """How videos become clips of frames (paper: 20 fps, 30-frame clips, 224 px)."""
+
+    fps: float = 20.0
+    """Frames per second after resampling by timestamps."""
+    clip_frames: int = 30
+    """Frames per non-overlapping clip (30 frames at 20 fps = 1.5 s)."""
+    size: int = 224
+    """Output side in pixels: shorter side resized to this, then centre-cropped square."""
+    extensions: list[str] = field(default_factory=lambda: ["mp4", "mkv", "webm", "mov", "avi"])
+    """File extensions listed as videos under `source`."""
+    transcript_extensions: list[str] = field(default_factory=lambda: ["vtt", "srt", "json"])
+    """Sidecar transcript extensions, looked up by the video's stem, in this order."""
+    max_clips: int | None = None
+    """Stop each video after this many clips (None: the whole video)."""
+
+    def __post_init__(self) -> None:
+        if self.fps <= 0:
+            raise ConfigError("decode.fps must be > 0")
+        if self.clip_frames < 1:
+            raise ConfigError("decode.clip_frames must be >= 1")
+        if self.size < 32:
+            raise ConfigError("decode.size must be >= 32 (S3D downsamples 32x)")
+
+    @property
+    def clip_seconds(self) -> float:
+        return self.clip_frames / self.fps
+
+
+@dataclass
+class EncoderConfig:
+    """The clip feature encoder (paper: S3D pretrained on Kinetics-400)."""
+
+    name: str = "s3d"
+    """Encoder architecture; only torchvision's S3D is implemented."""
+    weights: str = "kinetics400"
+    """`kinetics400` (torchvision download), `none` (random, on purpose), or a path/URI of a state dict."""
+    seed: int = 0
+    """Seed for random weights, so every actor builds the same encoder."""
+    batch_size: int = 16
+    """Clips per forward pass in a feature actor."""
+    dtype: str = "auto"
+    """`auto` (bf16 on GPU, fp32 on CPU), `float32` or `bfloat16`."""
+
+    def __post_init__(self) -> None:
+        if self.name != "s3d":
+            raise ConfigError(f"encoder.name: unknown encoder {self.name!r} (known: s3d)")
+        if self.batch_size < 1:
+            raise ConfigError("encoder.batch_size must be >= 1")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ConfigError("encoder.dtype must be auto, float32 or bfloat16")
+
+
+@dataclass
+class ExtractConfig:
+    """Parallelism of the extract stage on Ray Data."""
+
+    decode_concurrency: int | None = None
+    """Max concurrent decode tasks (None: Ray decides from the cluster's CPUs)."""
+    feature_actors: int | None = None
+    """Feature actors (None: one per GPU, or a small pool on CPU-only clusters)."""
+    cpus_per_feature_actor: float = 1.0
+    """CPUs reserved by each feature actor."""
+    manifest_flush_every: int = 32
+    """Commit manifest rows after this many finished videos (bounds work lost to a kill)."""
+
+
+@dataclass
+class CodebookConfig:
+    """Hierarchical k-means visual-word codebook (paper: depth 4, k 12 -> 20,736 words)."""
+
+    k: int = 12
+    """Clusters per level."""
+    depth: int = 4
+    """Levels in the tree."""
+    sample_size: int = 1_000_000
+    """Features sampled from features/ to fit the codebook."""
+    iterations: int = 50
+    """Max Lloyd iterations per node."""
+    seed: int = 0
+    """Seed for sampling and k-means++ initialisation."""
+    refit: bool = False
+    """Refit even when a codebook exists (otherwise the newest one is reused)."""
+    gallery_words: int = 16
+    """Visual words shown in the gallery contact sheet."""
+
+    def __post_init__(self) -> None:
+        if self.k < 2 or self.depth < 1:
+            raise ConfigError("codebook.k must be >= 2 and codebook.depth >= 1")
+
+    @property
+    def vocab_size(self) -> int:
+        return self.k**self.depth
+
+
+@dataclass
+class TextConfig:
+    """The text WordPiece tokenizer (paper: BERT's 30k lower-cased WordPiece)."""
+
+    vocab_size: int = 30_000
+    """Vocabulary size when training WordPiece on the corpus transcripts."""
+    vocab: str | None = None
+    """An existing vocab.txt (e.g. BERT uncased) to load instead of training."""
+    lowercase: bool = True
+    """Lower-case text before tokenizing."""
+
+
+@dataclass
+class TokenizeConfig:
+    """Alignment of visual words with narration sentences."""
+
+    segment_tokens: int = 16
+    """Video tokens per segment for videos without a transcript."""
+
+
+@dataclass
+class ModelConfig:
+    """The VideoBERT Transformer."""
+
+    size: str = "large"
+    """A named size from videobert.model.MODEL_SIZES: debug, base, large (paper)."""
+    init_from: str | None = None
+    """BERT checkpoint (path or Hugging Face name) for the Transformer and text embeddings."""
+    max_seq_len: int = 512
+    """Longest input sequence, in tokens."""
+
+
+@dataclass
+class TrainConfig:
+    """Distributed pretraining with Ray Train + DeepSpeed."""
+
+    steps: int = 100_000
+    """Optimizer steps."""
+    workers: int = 1
+    """Ray Train workers."""
+    use_gpu: bool = False
+    """One GPU per worker (NCCL) instead of CPU workers (gloo)."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1, 2 or 3."""
+    batch_size: int = 128
+    """Global batch size in sequences, across workers and accumulation steps."""
+    grad_accum: int = 1
+    """Gradient accumulation steps."""
+    lr: float = 1e-5
+    """Peak learning rate (paper: 1e-5 when initialised from BERT)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps, then linear decay to zero."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping."""
+    precision: str = "bf16"
+    """`bf16` or `fp32`."""
+    checkpoint_every: int = 1000
+    """Steps between checkpoints."""
+    log_every: int = 10
+    """Steps between logged metrics."""
+    seed: int = 0
+    """Seed for example building and initialisation."""
+    storage_path: str | None = None
+    """Ray Train storage (local or s3://); default `<output>/train`."""
+    run_name: str | None = None
+    """Ray Train run name; rerunning the same name resumes."""
+    max_failures: int = 2
+    """Worker failures tolerated before the run fails."""
+    resume_from_champion: bool = False
+    """Start from the registered champion's weights instead of from scratch."""
+
+    def __post_init__(self) -> None:
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError("train.zero_stage must be 0, 1, 2 or 3")
+        if self.precision not in ("bf16", "fp32"):
+            raise ConfigError("train.precision must be bf16 or fp32")
+        if self.workers < 1 or self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
+            raise ConfigError("train.workers, steps, batch_size and grad_accum must be >= 1")
+        if self.batch_size % (self.workers * self.grad_accum):
+            raise ConfigError("train.batch_size must be divisible by train.workers * train.grad_accum")
+
+
+@dataclass
+class MlflowConfig:
+    """MLflow tracking and registry."""
+
+    tracking_uri: str | None = None
+    """Tracking store; default MLFLOW_TRACKING_URI, else SQLite under `output`."""
+    experiment: str = "videobert"
+    """Experiment name."""
+    registered_model: str = "videobert"
+    """Registered model name."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation and promotion."""
+
+    model_uri: str = "models:/videobert@candidate"
+    """The model version to evaluate."""
+    labels: str | None = None
+    """CSV or Parquet with source_uri, verb, object for zero-shot classification."""
+    holdout_fraction: float = 0.1
+    """Share of videos held out of training for evaluation (by video_id hash)."""
+    metric: str = "zero_shot_object_top1"
+    """Metric that decides promotion (higher is better)."""
+
+
+@dataclass
+class ExperimentConfig:
+    """A whole experiment: where data comes from and goes, and every stage's settings."""
+
+    source: str = "data/videos"
+    """Where the videos are: s3://bucket/prefix or a local directory."""
+    output: str = "out"
+    """Root of every table: s3://bucket/prefix or a local directory."""
+    name: str = "videobert"
+    """Experiment name, used for run names."""
+    s3: S3Config = field(default_factory=S3Config)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    codebook: CodebookConfig = field(default_factory=CodebookConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise ConfigError("source must be set (s3://bucket/prefix or a local path)")
+        if not self.output:
+            raise ConfigError("output must be set (s3://bucket/prefix or a local path)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Check/convert a YAML value to the field's annotated type, or raise naming `key`."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(annotation, value, key + ".")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_type, f"{key}[{i}]") for i, v in enumerate(value)]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise ConfigError(f"{key}: unsupported type {annotation!r}")
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (known in this section: {', '.join(sorted(known))})"
+        )
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in values.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except TypeError as error:
+        raise ConfigError(f"{prefix or 'config'}: {error}") from error
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {part} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """`a.b=value` -> ("a.b", value parsed as YAML, so numbers, bools and null work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
+) -> ExperimentConfig:
+    """Load a YAML config (safe_load), apply `key=value` overrides, and validate."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        config_path = Path(path)
+        if not config_path.is_file():
+            raise ConfigError(f"config file not found: {config_path}")
+        try:
+            loaded = yaml.safe_load(config_path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{config_path}: not valid YAML: {error}") from error
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{config_path}: the top level must be a mapping")
+        values = loaded or {}
+    for override in overrides or []:
+        key, value = parse_override(override)
+        _set_dotted(values, key, value)
+    return _build(ExperimentConfig, values)
+
+
+def config_to_yaml(config: ExperimentConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+def flat_params(config: ExperimentConfig) -> dict[str, Any]:
+    """Dotted key -> value, for MLflow params. Holds no credentials by construction."""
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        else:
+            flat[prefix[:-1]] = node
+
+    walk(config.to_dict(), "")
+    return flat
