@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -49,6 +50,8 @@ def wait_for_http(url: str, timeout: float = 60.0) -> None:
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
+        except urllib.error.HTTPError:
+            return  # the server answers (e.g. 401 under Ray's token auth): it is up
         except Exception:
             if time.monotonic() > deadline:
                 raise

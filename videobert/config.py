@@ -144,6 +144,8 @@ class TextConfig:
     """An existing vocab.txt (e.g. BERT uncased) to load instead of training."""
     lowercase: bool = True
     """Lower-case text before tokenizing."""
+    retrain: bool = False
+    """Train a new tokenizer even when one trained with these settings exists (else reuse the newest)."""
 
 
 @dataclass
@@ -152,6 +154,8 @@ class TokenizeConfig:
 
     segment_tokens: int = 16
     """Video tokens per segment for videos without a transcript."""
+    sentence_gap_s: float = 2.0
+    """A pause between cues longer than this ends a sentence even without punctuation."""
 
 
 @dataclass

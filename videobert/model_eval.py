@@ -1,0 +1,235 @@
+"""Evaluating a VideoBERT model on held-out token rows (Ray-free, one process).
+
+- held-out MLM accuracy on text and video tokens (the training objective, no augmentation);
+- linguistic-visual alignment accuracy and ROC AUC on aligned vs misaligned pairs;
+- text->video retrieval scored by the alignment head (R@1/5/10, median rank);
+- zero-shot classification with the paper's template "now let me show you how to [MASK] the
+  [MASK]" followed by the video's tokens: verb and object top-1/top-5 over the label set.
+
+Metric arithmetic lives in videobert/evaluation.py; this module runs the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from videobert import evaluation
+from videobert.examples import IGNORE, JOINT, Example, ExampleBuilder, ExampleConfig, pack
+from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab, VideoBert
+from videobert.training import forward, to_device
+
+ZERO_SHOT_PREFIX = "now let me show you how to"
+
+
+def in_holdout(video_id: str, fraction: float) -> bool:
+    """Deterministic split by video: the same videos are held out by pretrain and evaluate."""
+    if fraction <= 0:
+        return False
+    bucket = int(hashlib.sha256(video_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
+
+
+def joint_example(
+    vocab: JointVocab, text_ids: Sequence[int], video_tokens: Sequence[int], max_len: int
+) -> Example:
+    """Unmasked `[CLS] text [>] video [SEP]` (text keeps at most half when both are long)."""
+    budget = max_len - 3
+    text = np.asarray(text_ids, np.int64)
+    video = np.asarray(video_tokens, np.int64)
+    text = text[: min(len(text), max(budget // 2, budget - len(video)))]
+    video = video[: budget - len(text)]
+    ids = np.concatenate([[CLS], vocab.text_ids(text), [VIDEO_SEP], vocab.video_ids(video), [SEP]]).astype(
+        np.int64
+    )
+    types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)]).astype(
+        np.int64
+    )
+    return Example(ids, types, np.full(len(ids), IGNORE, np.int64), JOINT, 1, 1)
+
+
+@torch.no_grad()
+def _alignment_scores(
+    model: VideoBert, examples: list[Example], max_len: int, chunk: int = 256
+) -> np.ndarray:
+    """Alignment logit of every (joint) example, in order."""
+    scores = np.empty(len(examples), np.float32)
+    for start in range(0, len(examples), chunk):
+        part = examples[start : start + chunk]
+        # Tag each example so its [CLS] can be found after packing reorders them.
+        for i, ex in enumerate(part):
+            ex.aligned = i
+        batch = pack(part, max_len)
+        device = next(model.parameters()).device
+        out = forward(model, to_device(batch, device))
+        logits = out["alignment_logits"].float().cpu().numpy()
+        order = batch["align_labels"].astype(np.int64)  # the tags, in packed order
+        scores[start + order] = logits
+    return scores
+
+
+@dataclass
+class HeldOut:
+    """Held-out token rows as columns (video_id, segment_index, text_ids, video_tokens)."""
+
+    columns: dict[str, list]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.columns["video_id"])
+
+
+@torch.no_grad()
+def mlm_metrics(
+    model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, seed: int = 0
+) -> dict[str, float]:
+    """Masked-token accuracy on text and on video tokens (every regime, fixed seed)."""
+    builder = ExampleBuilder(vocab, ExampleConfig(max_len=max_len, concat_prob=0.0, max_subsample=1))
+    rng = np.random.default_rng(seed)
+    counts = {"text": [0, 0], "video": [0, 0]}
+    device = next(model.parameters()).device
+    chunk = 128
+    for start in range(0, rows.num_rows, chunk):
+        part = {k: v[start : start + chunk] for k, v in rows.columns.items()}
+        batch = builder.batch(part, rng)
+        out = forward(model, to_device(batch, device))
+        predictions = out["mlm_logits"].argmax(-1).cpu().numpy()
+        hits = predictions == batch["mlm_labels"]
+        for name, selected in (("text", ~batch["mlm_is_video"]), ("video", batch["mlm_is_video"])):
+            counts[name][0] += int(hits[selected].sum())
+            counts[name][1] += int(selected.sum())
+    return {
+        f"{name}_mlm_accuracy": (hit / total if total else float("nan"))
+        for name, (hit, total) in counts.items()
+    }
+
+
+def alignment_metrics(
+    model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, seed: int = 0
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Accuracy and ROC AUC of the alignment head: each segment with its own video and with another video's."""
+    rng = np.random.default_rng(seed)
+    cols = rows.columns
+    usable = [i for i in range(rows.num_rows) if len(cols["text_ids"][i]) and len(cols["video_tokens"][i])]
+    examples, labels = [], []
+    for i in usable:
+        others = [j for j in usable if cols["video_id"][j] != cols["video_id"][i]]
+        if not others:
+            continue
+        j = int(rng.choice(others))
+        examples.append(joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][i], max_len))
+        labels.append(1)
+        examples.append(joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][j], max_len))
+        labels.append(0)
+    if not examples:
+        return {"alignment_accuracy": float("nan"), "alignment_auc": float("nan")}, np.zeros(0), np.zeros(0)
+    scores = _alignment_scores(model, examples, max_len)
+    probabilities = 1 / (1 + np.exp(-scores))
+    label_array = np.asarray(labels)
+    return (
+        {
+            "alignment_accuracy": evaluation.binary_accuracy(probabilities, label_array),
+            "alignment_auc": evaluation.roc_auc(probabilities, label_array),
+        },
+        probabilities,
+        label_array,
+    )
+
+
+def retrieval_metrics(
+    model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, max_items: int = 32
+) -> tuple[dict[str, float], np.ndarray]:
+    """Text->video retrieval over held-out segments: score[i, j] = alignment(text_i, video_j)."""
+    cols = rows.columns
+    usable = [i for i in range(rows.num_rows) if len(cols["text_ids"][i]) and len(cols["video_tokens"][i])]
+    usable = usable[:max_items]
+    if len(usable) < 2:
+        return {}, np.zeros(0)
+    examples = [
+        joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][j], max_len)
+        for i in usable
+        for j in usable
+    ]
+    scores = _alignment_scores(model, examples, max_len).reshape(len(usable), len(usable))
+    metrics = evaluation.retrieval_metrics(scores)
+    return {f"retrieval_{k}": float(v) for k, v in metrics.items()}, evaluation.retrieval_ranks(scores)
+
+
+@dataclass
+class ZeroShotItem:
+    """One labelled video: its visual words (in order) and its true verb and object."""
+
+    video_id: str
+    video_tokens: list[int]
+    verb: str
+    object: str
+
+
+@torch.no_grad()
+def zero_shot(
+    model: VideoBert,
+    vocab: JointVocab,
+    encode_text: Callable[[str], list[int]],
+    items: list[ZeroShotItem],
+    max_len: int,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The paper's template against each video; candidates ranked by the masked-token logits.
+
+    Each candidate word is scored by the logit of its first WordPiece at its [MASK]: the
+    label set, not the whole vocabulary, is ranked (as a classifier over the labels).
+    """
+    if not items:
+        return {}, {}
+    verbs = sorted({item.verb for item in items})
+    objects = sorted({item.object for item in items})
+    verb_ids = np.asarray([vocab.text_ids(encode_text(v)[0]) for v in verbs])
+    object_ids = np.asarray([vocab.text_ids(encode_text(o)[0]) for o in objects])
+    prefix = vocab.text_ids(np.asarray(encode_text(ZERO_SHOT_PREFIX), np.int64))
+    the = vocab.text_ids(np.asarray(encode_text("the"), np.int64))
+    text = np.concatenate([prefix, [MASK], the, [MASK]]).astype(np.int64)
+    verb_mask_at = 1 + len(prefix)
+    object_mask_at = verb_mask_at + 1 + len(the)
+    device = next(model.parameters()).device
+    verb_scores = np.zeros((len(items), len(verbs)), np.float32)
+    object_scores = np.zeros((len(items), len(objects)), np.float32)
+    for n, item in enumerate(items):
+        video = vocab.video_ids(np.asarray(item.video_tokens, np.int64))[: max_len - len(text) - 3]
+        ids = np.concatenate([[CLS], text, [VIDEO_SEP], video, [SEP]]).astype(np.int64)
+        types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)])
+        input_ids = torch.as_tensor(ids, device=device)[None]  # [T] -> [1, T]
+        token_types = torch.as_tensor(types.astype(np.int64), device=device)[None]
+        positions = torch.as_tensor([verb_mask_at, object_mask_at], device=device)
+        logits = model(input_ids, token_types, mlm_positions=positions)["mlm_logits"].float().cpu().numpy()
+        verb_scores[n] = logits[0, verb_ids]
+        object_scores[n] = logits[1, object_ids]
+    verb_targets = np.asarray([verbs.index(item.verb) for item in items])
+    object_targets = np.asarray([objects.index(item.object) for item in items])
+    metrics = {
+        "zero_shot_verb_top1": evaluation.top_k_accuracy(verb_scores, verb_targets, 1),
+        "zero_shot_verb_top5": evaluation.top_k_accuracy(verb_scores, verb_targets, 5),
+        "zero_shot_object_top1": evaluation.top_k_accuracy(object_scores, object_targets, 1),
+        "zero_shot_object_top5": evaluation.top_k_accuracy(object_scores, object_targets, 5),
+        "zero_shot_items": float(len(items)),
+        "zero_shot_object_chance": 1.0 / len(objects),
+        "zero_shot_verb_chance": 1.0 / len(verbs),
+    }
+    details = {
+        "object_confusion": evaluation.confusion_matrix(
+            object_targets, object_scores.argmax(1), len(objects)
+        ),
+        "verb_confusion": evaluation.confusion_matrix(verb_targets, verb_scores.argmax(1), len(verbs)),
+        "objects": np.asarray(objects),
+        "verbs": np.asarray(verbs),
+    }
+    return metrics, details
+
+
+def rows_to_columns(table: pa.Table) -> HeldOut:
+    """Token rows (TOKENS_SCHEMA) -> the columns the example builder reads."""
+    columns = table.select(["video_id", "segment_index", "text_ids", "video_tokens"]).to_pydict()
+    return HeldOut(columns)

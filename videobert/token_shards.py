@@ -1,0 +1,154 @@
+"""Token shards: each video's clip features + transcript -> aligned segments in `tokens/`.
+
+`VideoTokenizer` is the batch body of the tokenize stage (a Ray Data actor in
+pipelines/tokenize.py, but plain Python here): it loads the codebook and the text tokenizer
+once, and for a batch of videos reads their features (ordered by clip_index), assigns visual
+words in one batched call (GPU when there is one), parses each transcript, aligns, and
+writes `tokens/<codebook>-<tokenizer>/<video_id>.parquet` (one file per video, so reruns
+overwrite rather than duplicate). It returns one status row per video; nothing is raised
+for a bad video.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from videobert import storage
+from videobert.align import Segment, align_segments
+from videobert.codebook import HierarchicalCodebook, default_device
+from videobert.config import S3Config
+from videobert.tables import FEATURE_DIM, TOKENS_SCHEMA, Layout
+from videobert.text_tokenizer import TextTokenizer
+from videobert.transcripts import Sentence, TranscriptError, parse_transcript, to_sentences
+
+log = logging.getLogger(__name__)
+
+STATUS_COLUMNS = ("video_id", "segments", "transcript_error", "error")
+
+
+def load_sentences(
+    transcript_uri: str, s3: S3Config | None = None, max_gap_s: float = 2.0
+) -> list[Sentence]:
+    """Sentences of a sidecar transcript; raises TranscriptError when it cannot be used."""
+    try:
+        data = storage.read_bytes(transcript_uri, s3)
+    except (OSError, storage.StorageError) as error:
+        raise TranscriptError(f"{storage.stem(transcript_uri)}: cannot read: {error}") from error
+    name = transcript_uri.rsplit("/", 1)[-1]
+    return to_sentences(parse_transcript(data, name), max_gap_s=max_gap_s)
+
+
+def features_array(table: pa.Table) -> np.ndarray:
+    """The `feature` column as an (N, dim) float16 array."""
+    column = table.column("feature").combine_chunks()
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), -1) if len(column) else np.empty((0, FEATURE_DIM), np.float16)
+
+
+def segments_table(
+    segments: list[Segment], text_ids: list[list[int]], codebook_version: str, tokenizer_version: str
+) -> pa.Table:
+    columns: dict[str, list[Any]] = {
+        "video_id": [s.video_id for s in segments],
+        "segment_index": [s.segment_index for s in segments],
+        "start_s": [s.start_s for s in segments],
+        "end_s": [s.end_s for s in segments],
+        "text": [s.text for s in segments],
+        "text_ids": text_ids,
+        "video_tokens": [s.video_tokens for s in segments],
+        "codebook_version": [codebook_version] * len(segments),
+        "tokenizer_version": [tokenizer_version] * len(segments),
+    }
+    return pa.table(columns, schema=TOKENS_SCHEMA)
+
+
+class VideoTokenizer:
+    """Batch of videos (columns video_id, transcript_uri) -> token files + status rows."""
+
+    def __init__(
+        self,
+        output: str,
+        codebook_uri: str,
+        tokenizer_uri: str,
+        segment_tokens: int,
+        sentence_gap_s: float = 2.0,
+        s3: S3Config | None = None,
+        device: str | None = None,
+    ):
+        self.output = output
+        self.s3 = s3
+        self.segment_tokens = segment_tokens
+        self.sentence_gap_s = sentence_gap_s
+        self.codebook = HierarchicalCodebook.load(codebook_uri, s3).to(device or default_device())
+        self.tokenizer = TextTokenizer.load(tokenizer_uri, s3)
+        self.codebook_version = self.codebook.version
+        self.tokenizer_version = self.tokenizer.version
+        self.layout = Layout(output)
+        self.directory = self.layout.tokens(self.codebook_version, self.tokenizer_version)
+
+    def token_file(self, vid: str) -> str:
+        return storage.join(self.directory, f"{vid}.parquet")
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        status: dict[str, list[Any]] = {name: [] for name in STATUS_COLUMNS}
+        videos: list[tuple[str, Any, pa.Table]] = []
+        for vid, transcript_uri in zip(batch["video_id"], batch["transcript_uri"], strict=True):
+            try:
+                table = storage.read_parquet(self.layout.features_file(str(vid)), self.s3)
+                table = table.sort_by("clip_index")
+                if table.num_rows == 0:
+                    raise ValueError("features file has no clips")
+            except Exception as error:  # recorded as the video's error row, never raised
+                self._record(status, str(vid), 0, None, f"tokenize: features unreadable: {error}")
+                continue
+            videos.append((str(vid), transcript_uri, table))
+        if not videos:
+            return status
+        # One assignment call for the whole batch: big matmuls on the GPU.
+        words = self.codebook.assign(np.concatenate([features_array(t) for _, _, t in videos]))
+        offset = 0
+        for vid, transcript_uri, table in videos:
+            video_words = words[offset : offset + table.num_rows].tolist()
+            offset += table.num_rows
+            sentences, transcript_error = None, None
+            if transcript_uri:
+                try:
+                    sentences = load_sentences(str(transcript_uri), self.s3, self.sentence_gap_s)
+                except TranscriptError as error:
+                    transcript_error = str(error)
+            clips = list(
+                zip(
+                    table.column("clip_index").to_pylist(),
+                    table.column("start_s").to_pylist(),
+                    table.column("end_s").to_pylist(),
+                    strict=True,
+                )
+            )
+            segments = align_segments(vid, clips, video_words, sentences, self.segment_tokens)
+            text_ids = [self.tokenizer.encode(s.text) if s.text else [] for s in segments]
+            out = segments_table(segments, text_ids, self.codebook_version, self.tokenizer_version)
+            storage.write_parquet(out, self.token_file(vid), self.s3)
+            self._record(status, vid, len(segments), transcript_error, None)
+        return status
+
+    @staticmethod
+    def _record(status: dict[str, list[Any]], vid: str, segments: int, transcript_error: str | None, error: str | None) -> None:
+        status["video_id"].append(vid)
+        status["segments"].append(segments)
+        status["transcript_error"].append(transcript_error)
+        status["error"].append(error)
+
+
+def read_tokens(
+    output: str, codebook_version: str, tokenizer_version: str, s3: S3Config | None = None
+) -> pa.Table:
+    """Every segment of one token version, ordered by video and segment (empty if none)."""
+    table = storage.read_parquet_dir(Layout(output).tokens(codebook_version, tokenizer_version), s3)
+    if table is None or table.num_rows == 0:
+        return TOKENS_SCHEMA.empty_table()
+    table = table.select(TOKENS_SCHEMA.names).cast(TOKENS_SCHEMA)
+    return table.sort_by([("video_id", "ascending"), ("segment_index", "ascending")])

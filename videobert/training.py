@@ -1,0 +1,225 @@
+"""DeepSpeed wrapping and the train-step body, kept out of the model (torchtitan style).
+
+Everything here runs in one process per rank, with or without Ray: Ray Train (pipelines/
+pretrain.py) sets up torch.distributed and calls these functions; a benchmark on a GPU box
+calls them directly.
+
+Optimizer choice: a plain `torch.optim.AdamW` passed to DeepSpeed as a client optimizer (with
+`zero_allow_untested_optimizer`), plus a torch `LambdaLR`. DeepSpeed's own Adam variants
+JIT-compile C++/CUDA ops at first use, which costs 30-70 s per fresh worker on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from videobert.config import TrainConfig
+from videobert.examples import IGNORE, REGIMES
+from videobert.model import VideoBert
+
+CHECKPOINT_TAG = "ds"  # one DeepSpeed tag per checkpoint directory; the step lives in client_state
+
+
+def init_distributed(use_gpu: bool = False) -> None:
+    """Join torch.distributed through DeepSpeed unless Ray Train (or someone) already did."""
+    import deepspeed
+
+    if torch.distributed.is_initialized():
+        return
+    # A single process without a launcher: a world of one on this machine.
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29511")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo", auto_mpi_discovery=False)
+
+
+def micro_batch_size(train: TrainConfig, world_size: int) -> int:
+    """Examples per rank per micro-step."""
+    return train.batch_size // (world_size * train.grad_accum)
+
+
+def deepspeed_config(train: TrainConfig, world_size: int) -> dict[str, Any]:
+    """DeepSpeed config from TrainConfig: ZeRO stage, precision, accumulation, clipping."""
+    config: dict[str, Any] = {
+        "train_batch_size": train.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size(train, world_size),
+        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_clipping": train.grad_clip,
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,  # we log ourselves, from rank 0
+        "wall_clock_breakdown": False,
+    }
+    if train.zero_stage > 0:
+        config["zero_optimization"] = {"stage": train.zero_stage}
+    if train.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def warmup_linear_decay(warmup_steps: int, total_steps: int) -> Any:
+    """LR multiplier: linear warmup to 1, then linear decay to 0 at `total_steps`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+
+    return factor
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW without weight decay on biases and LayerNorms, and its warmup + decay schedule."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "LayerNorm" in name else decay).append(param)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=train.lr,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_linear_decay(train.warmup_steps, train.steps)
+    )
+    return optimizer, schedule
+
+
+def build_engine(model: VideoBert, train: TrainConfig, world_size: int) -> Any:
+    """Wrap the model in a DeepSpeed engine (ZeRO stage, bf16, client AdamW + LambdaLR)."""
+    import deepspeed
+
+    optimizer, schedule = build_optimizer(model, train)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(train, world_size),
+    )
+    return engine
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device | str) -> dict[str, torch.Tensor]:
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def pretraining_loss(
+    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss (masked-token CE over every regime + alignment BCE) and detached parts.
+
+    Parts are (sum, count) pairs so they can be averaged over micro-batches exactly.
+    """
+    logits = outputs["mlm_logits"].float()
+    labels = batch["mlm_labels"]
+    token_loss = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE)
+    loss = token_loss.mean()
+    parts: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        correct = (logits.argmax(-1) == labels).float()
+        for regime, name in enumerate(REGIMES):
+            selected = batch["mlm_regime"] == regime
+            parts[f"mlm_loss_{name}"] = torch.stack([token_loss[selected].sum(), selected.sum().float()])
+        for is_video, name in ((False, "text"), (True, "video")):
+            selected = batch["mlm_is_video"] == is_video
+            parts[f"mlm_acc_{name}"] = torch.stack([correct[selected].sum(), selected.sum().float()])
+    if "alignment_logits" in outputs and batch["cls_positions"].numel():
+        align_logits = outputs["alignment_logits"].float()
+        align_loss = F.binary_cross_entropy_with_logits(align_logits, batch["align_labels"])
+        loss = loss + align_loss
+        with torch.no_grad():
+            count = torch.tensor(float(len(align_logits)), device=align_logits.device)
+            parts["align_loss"] = torch.stack([align_loss.detach() * count, count])
+            hits = ((align_logits > 0).float() == batch["align_labels"]).float().sum()
+            parts["align_acc"] = torch.stack([hits, count])
+    parts["loss"] = torch.stack([loss.detach(), torch.ones((), device=loss.device)])
+    return loss, parts
+
+
+def forward(engine_or_model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return engine_or_model(
+        input_ids=batch["input_ids"],
+        token_type_ids=batch["token_type_ids"],
+        position_ids=batch["position_ids"],
+        seq_ids=batch["seq_ids"],
+        mlm_positions=batch["mlm_positions"],
+        cls_positions=batch["cls_positions"] if batch["cls_positions"].numel() else None,
+    )
+
+
+@dataclass
+class StepResult:
+    metrics: dict[str, float]
+    tokens: int
+
+
+def train_step(engine: Any, micro_batches: list[dict[str, np.ndarray]]) -> StepResult:
+    """One optimizer step over `grad_accum` micro-batches; returns this rank's metrics."""
+    start = time.perf_counter()
+    totals: dict[str, torch.Tensor] = {}
+    tokens = 0
+    for micro in micro_batches:
+        batch = to_device(micro, engine.device)
+        outputs = forward(engine, batch)
+        loss, parts = pretraining_loss(outputs, batch)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed applies the optimizer only at the accumulation boundary
+        for name, value in parts.items():
+            totals[name] = totals.get(name, 0) + value.detach().float().cpu()
+        tokens += int(micro["num_tokens"])
+    seconds = time.perf_counter() - start
+    metrics = {name: float(s / c) for name, (s, c) in totals.items() if c > 0}
+    metrics["tokens_per_s"] = tokens / seconds
+    metrics["lr"] = float(engine.get_lr()[0])
+    return StepResult(metrics, tokens)
+
+
+def save_checkpoint(engine: Any, directory: str | os.PathLike[str], step: int) -> None:
+    """Every rank writes its shard; the global step goes inside (client_state)."""
+    engine.save_checkpoint(str(directory), tag=CHECKPOINT_TAG, client_state={"step": step})
+
+
+def load_checkpoint(engine: Any, directory: str | os.PathLike[str]) -> int:
+    """Restore model, optimizer and schedule; returns the step stored in the checkpoint."""
+    path, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    if path is None:
+        raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
+    return int(client_state["step"])
+
+
+def checkpoint_step(directory: str | os.PathLike[str]) -> int:
+    """The step stored in a checkpoint directory, read without DeepSpeed."""
+    files = sorted((Path(directory) / CHECKPOINT_TAG).glob("*model_states.pt"))
+    if not files:
+        raise RuntimeError(f"no DeepSpeed model states under {directory}")
+    # DeepSpeed writes its own pickled checkpoint format; this is our own file, from our run.
+    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    return int(state["step"])
+
+
+def consolidated_fp32_state(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Full fp32 weights from a (sharded) DeepSpeed checkpoint, on CPU, for any ZeRO stage."""
+    root = Path(directory)
+    if list((root / CHECKPOINT_TAG).glob("*optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=CHECKPOINT_TAG)
+    else:  # no ZeRO partitions: the module weights are whole in the model states
+        state = torch.load(root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    return {k: v.float().contiguous() for k, v in state.items()}
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation from counted FLOPs."""
+    return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else math.nan
