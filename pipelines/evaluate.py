@@ -83,11 +83,14 @@ def evaluate_model(
     config: ExperimentConfig, model_uri: str
 ) -> tuple[dict[str, float], dict[str, Path], dict]:
     """Load the model, score it on the held-out split; returns metrics, plot files and model info."""
+    import mlflow
     import torch
 
+    from videobert.mlflow_utils import tracking_uri
     from videobert.text_tokenizer import TextTokenizer
     from videobert.tracking import load_registered_model
 
+    mlflow.set_tracking_uri(tracking_uri(config))  # this may run in a Ray worker process
     model, vocab, meta = load_registered_model(model_uri)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()

@@ -36,7 +36,6 @@ from pipelines.common import init_ray, stage_main
 from videobert import storage, tables
 from videobert.config import DecodeConfig, EncoderConfig, ExperimentConfig, S3Config
 from videobert.decode import DecodeError, iter_clips
-from videobert.features import ClipEncoder, encoder_id, load_weights
 
 log = logging.getLogger("videobert.extract")
 
@@ -172,6 +171,8 @@ class FeatureActor:
     """Holds one S3D encoder (built once) and turns batches of clip rows into features."""
 
     def __init__(self, encoder: EncoderConfig, decode: DecodeConfig, s3: S3Config) -> None:
+        from videobert.features import ClipEncoder
+
         self.encoder = ClipEncoder(encoder, s3=s3)
         self.clip_shape = (decode.clip_frames, decode.size, decode.size, 3)
 
@@ -316,6 +317,9 @@ class Committer:
 
 def run(config: ExperimentConfig) -> ExtractSummary:
     """Extract features for every new or changed video under `source` (see module doc)."""
+    # torch is imported here, not at module level, so `--help` and config errors answer at once.
+    from videobert.features import encoder_id, load_weights
+
     started = time.perf_counter()
     run_id = f"extract-{tables.now_utc().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     storage.check_reachable(config.source, config.s3)

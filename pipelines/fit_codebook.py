@@ -85,19 +85,20 @@ def sample_features(config: ExperimentConfig, manifest: pa.Table) -> pa.Table:
     return sample.take(order[:wanted])
 
 
-def _fit_remote(features: np.ndarray, k: int, depth: int, seed: int, iterations: int, encoder: str | None) -> Any:
-    codebook = HierarchicalCodebook.fit(features, k=k, depth=depth, seed=seed, iterations=iterations, encoder=encoder)
-    return codebook
-
-
 def fit_on_cluster(config: ExperimentConfig, features: np.ndarray, encoder: str | None) -> HierarchicalCodebook:
-    """Fit in a Ray task, on a GPU when the cluster has one."""
+    """Fit in a Ray task on a GPU when the cluster has one; else here, in the driver.
+
+    A CPU-only cluster gains nothing from shipping the sample to a fresh worker (which must
+    import torch first): the driver already holds the sample and torch.
+    """
     import ray
 
-    use_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    task = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1)(_fit_remote)
     c = config.codebook
-    return ray.get(task.remote(features, c.k, c.depth, c.seed, c.iterations, encoder))
+    kwargs = {"k": c.k, "depth": c.depth, "seed": c.seed, "iterations": c.iterations, "encoder": encoder}
+    if ray.cluster_resources().get("GPU", 0) < 1:
+        return HierarchicalCodebook.fit(features, **kwargs)
+    task = ray.remote(num_gpus=1, num_cpus=1)(HierarchicalCodebook.fit)
+    return ray.get(task.remote(features, **kwargs))
 
 
 def _encoder_of(manifest: pa.Table) -> str | None:

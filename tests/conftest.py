@@ -10,6 +10,7 @@ All three are real servers on 127.0.0.1, started once per session:
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -36,6 +37,13 @@ os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".torch_extensions"))
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Token auth must be on before Ray reads its config (at import), or this driver never sends
+# the token that `ray start` (token auth on by default) asks for.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+# ~/.ray/auth_token is shared by every cluster on the machine and other test sessions rewrite
+# it: a private token (set before Ray caches one) keeps this session's cluster, its driver and
+# its `ray job submit` subprocesses in step.
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 def free_port() -> int:

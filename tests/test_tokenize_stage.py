@@ -38,7 +38,9 @@ TRANSCRIPTS = {
 }
 
 
-def write_video(output: str, source_dir: str, number: int, clips: int = 10, transcript: str | None = None) -> str:
+def write_video(
+    output: str, source_dir: str, number: int, clips: int = 10, transcript: str | None = None
+) -> str:
     """One committed video: features of planted prototypes (L2-normalised), a sidecar, a manifest row."""
     source_uri = storage.join(source_dir, f"video{number}.mp4")
     vid = video_id(source_uri)
@@ -61,8 +63,17 @@ def write_video(output: str, source_dir: str, number: int, clips: int = 10, tran
     if transcript:
         transcript_uri = storage.join(source_dir, f"video{number}.{transcript.split('.')[-1]}")
         storage.write_bytes(transcript_uri, TRANSCRIPTS[transcript])
-    row = {"video_id": vid, "source_uri": source_uri, "etag": "e", "size": 1, "status": "ok", "num_clips": clips}
-    append_manifest(output, [{**row, "duration_s": 1.5 * clips, "transcript_uri": transcript_uri, "encoder": "synthetic"}])
+    row = {
+        "video_id": vid,
+        "source_uri": source_uri,
+        "etag": "e",
+        "size": 1,
+        "status": "ok",
+        "num_clips": clips,
+    }
+    append_manifest(
+        output, [{**row, "duration_s": 1.5 * clips, "transcript_uri": transcript_uri, "encoder": "synthetic"}]
+    )
     return vid
 
 
@@ -152,7 +163,9 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
     assert third["videos_tokenized"] == 1 and third["tokens_dir"] == first["tokens_dir"]
     after = mtimes(first["tokens_dir"])
     assert {f: t for f, t in after.items() if f in before} == before and len(after) == 6
-    assert new_vid in set(read_tokens(output, first["codebook_version"], first["tokenizer_version"])["video_id"].to_pylist())
+    assert new_vid in set(
+        read_tokens(output, first["codebook_version"], first["tokenizer_version"])["video_id"].to_pylist()
+    )
 
     # New codebook version: everything under a new directory; the old one is untouched.
     other = fit_codebook.run(config_for(str(tmp_path), tmp_path, "codebook.refit=true", "codebook.seed=5"))
@@ -173,7 +186,10 @@ def features_of(output: str, vid: str) -> np.ndarray:
 
 def test_stages_round_trip_through_s3(ray_cluster, s3_bucket, tmp_path):
     config = config_for(s3_bucket, tmp_path, "tokenize.segment_tokens=3")
-    vids = [write_video(config.output, config.source, i, clips=7, transcript=kind) for i, kind in enumerate(["json", None])]
+    vids = [
+        write_video(config.output, config.source, i, clips=7, transcript=kind)
+        for i, kind in enumerate(["json", None])
+    ]
     fitted = fit_codebook.run(config)
     assert fitted["codebook_uri"].startswith("s3://")
     summary = tokenize.run(config)
@@ -188,3 +204,67 @@ def test_stages_round_trip_through_s3(ray_cluster, s3_bucket, tmp_path):
 def test_tokenize_without_codebook_fails_clearly(tmp_path):
     config = config_for(str(tmp_path), tmp_path)
     assert tokenize.main(["--set", f"output={config.output}"]) == 3
+
+
+def test_extract_then_fit_codebook_by_ray_job_submit_then_tokenize(ray_cluster, tmp_path):
+    """Generated videos with VTT sidecars -> extract -> fit-codebook (as a Ray job) -> tokenize."""
+    import yaml
+    from PIL import Image
+
+    from pipelines import extract
+    from tests import videos
+    from tests.conftest import ray_bin
+    from tests.test_job_submit_extract import UPLOAD_EXCLUDES
+
+    source = tmp_path / "videos"
+    for i, shape in enumerate(["circle", "square", "circle"]):
+        videos.make_object_video(source / f"v{i}.mp4", seed=40 + i, num_frames=40, height=64, width=64, shape=shape)
+    (source / "v0.vtt").write_bytes(b"WEBVTT\n\n00:00:00.500 --> 00:00:02.500\nA circle moves. It slides on.\n")
+    (source / "v1.vtt").write_bytes(b"WEBVTT\n\n00:00:01.000 --> 00:00:03.000\nThe square glides.\n")
+    settings = {
+        "source": str(source),
+        "output": str(tmp_path / "out"),
+        "decode": {"fps": 8, "clip_frames": 8, "size": 64},
+        "encoder": {"weights": "none", "batch_size": 4},
+        "extract": {"feature_actors": 1},
+        "codebook": {"k": 2, "depth": 2, "sample_size": 100, "iterations": 10, "gallery_words": 2},
+        "text": {"vocab_size": 60},
+        "tokenize": {"segment_tokens": 2},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"},
+    }
+    config_file = tmp_path / "experiment.yaml"
+    config_file.write_text(yaml.safe_dump(settings))
+    config = load_config(config_file)
+    extract.run(config)
+
+    result = subprocess.run(
+        [ray_bin(), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
+         "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--",
+         sys_executable(), "-m", "pipelines.fit_codebook", "--config", str(config_file)],
+        cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    codebook_uri = latest_codebook(config.output, k=2, depth=2)
+    assert codebook_uri is not None
+    # The gallery shows real decoded frames: not only the grey "unreadable" tiles.
+    gallery = np.asarray(Image.open(storage.join(codebook_uri, "gallery.png")).convert("RGB"))
+    assert gallery.shape[0] == 2 * 96 and len(np.unique(gallery.reshape(-1, 3), axis=0)) > 10
+
+    summary = tokenize.run(config)
+    manifest = read_manifest(config.output)
+    ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
+    assert ok.num_rows == 3 and summary["videos_tokenized"] == 3 and summary["transcript_errors"] == 0
+    tokens = read_tokens(config.output, summary["codebook_version"], summary["tokenizer_version"])
+    assert set(tokens.column("video_id").to_pylist()) == set(ok.column("video_id").to_pylist())
+    texts = [t for t in tokens.column("text").to_pylist() if t]
+    assert sorted(texts) == ["A circle moves.", "It slides on.", "The square glides."]
+    # Every clip of every video lands in at least one segment.
+    for row in ok.to_pylist():
+        rows = tokens.filter(pc.equal(tokens.column("video_id"), row["video_id"]))
+        assert sum(len(v) for v in rows.column("video_tokens").to_pylist()) >= row["num_clips"]
+
+
+def sys_executable() -> str:
+    import sys
+
+    return sys.executable

@@ -63,7 +63,9 @@ def test_srt():
 
 
 def test_json():
-    data = json.dumps([{"start": 0, "end": 2.5, "text": "Hello <i>there</i>."}, {"start": 3, "end": 4, "text": " "}])
+    data = json.dumps(
+        [{"start": 0, "end": 2.5, "text": "Hello <i>there</i>."}, {"start": 3, "end": 4, "text": " "}]
+    )
     assert parse_transcript(data.encode(), "v.JSON") == [Cue(0.0, 2.5, "Hello there.")]
 
 
@@ -85,10 +87,10 @@ def test_rolling_auto_captions_are_deduplicated():
         (b"WEBVTT\n\njust text without timing\n", "a.vtt", "timing line"),
         (b"1\n00:00:01,000 -> 00:00:02,000\nhi\n", "a.srt", "timing line"),
         (b"\xff\xfe\x00garbage", "a.srt", "not UTF-8"),
-        (b"[{\"start\": 1, \"end\": 2}]", "a.json", "start, end and text"),
-        (b"{\"start\": 1}", "a.json", "JSON list"),
-        (b"[{\"start\": \"1\", \"end\": 2, \"text\": \"x\"}]", "a.json", "numbers"),
-        (b"[{\"start\": 1, \"end\": 2, \"text\": \"x\"", "a.json", "not valid JSON"),
+        (b'[{"start": 1, "end": 2}]', "a.json", "start, end and text"),
+        (b'{"start": 1}', "a.json", "JSON list"),
+        (b'[{"start": "1", "end": 2, "text": "x"}]', "a.json", "numbers"),
+        (b'[{"start": 1, "end": 2, "text": "x"', "a.json", "not valid JSON"),
         (b"hello", "a.txt", "unknown transcript format"),
     ],
 )

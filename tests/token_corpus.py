@@ -19,7 +19,13 @@ CODEBOOK_VERSION = "cb-synthetic"
 TOKENIZER_VERSION = "tok-synthetic"
 
 
-def token_table(num_videos: int = 24, segments: int = 6, seed: int = 0) -> pa.Table:
+def token_table(
+    num_videos: int = 24,
+    segments: int = 6,
+    seed: int = 0,
+    codebook_version: str = CODEBOOK_VERSION,
+    tokenizer_version: str = TOKENIZER_VERSION,
+) -> pa.Table:
     rng = np.random.default_rng(seed)
     rows: dict[str, list] = {name: [] for name in TOKENS_SCHEMA.names}
     for v in range(num_videos):
@@ -36,15 +42,34 @@ def token_table(num_videos: int = 24, segments: int = 6, seed: int = 0) -> pa.Ta
             rows["text"].append(" ".join(f"w{t}" for t in text))
             rows["text_ids"].append(text)
             rows["video_tokens"].append(video.tolist())
-            rows["codebook_version"].append(CODEBOOK_VERSION)
-            rows["tokenizer_version"].append(TOKENIZER_VERSION)
+            rows["codebook_version"].append(codebook_version)
+            rows["tokenizer_version"].append(tokenizer_version)
     return pa.table(rows, schema=TOKENS_SCHEMA)
 
 
-def write_token_shards(output: str, shards: int = 2, **kwargs) -> str:
-    """Write the corpus as `shards` Parquet files under tokens/<codebook>-<tokenizer>/; returns that dir."""
-    table = token_table(**kwargs)
-    directory = Layout(output).tokens(CODEBOOK_VERSION, TOKENIZER_VERSION)
+def write_corpus(output: str, shards: int = 2, **kwargs) -> str:
+    """A saved tokenizer (TEXT_VOCAB tokens) and codebook (k=4, depth=2) under `output`, and the
+    corpus as `shards` Parquet files under tokens/<codebook>-<tokenizer>/; returns that dir."""
+    import tempfile
+
+    from videobert.codebook import HierarchicalCodebook
+    from videobert.text_tokenizer import TextTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vocab_file = f"{tmp}/vocab.txt"
+        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+        words += [f"w{i}" for i in range(TEXT_VOCAB - len(words))]
+        with open(vocab_file, "w") as handle:
+            handle.write("\n".join(words) + "\n")
+        tokenizer = TextTokenizer.from_vocab_file(vocab_file)
+    assert tokenizer.vocab_size == TEXT_VOCAB
+    tokenizer.save_to_output(output)
+    features = np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32)
+    codebook = HierarchicalCodebook.fit(features, k=4, depth=2, iterations=5, device="cpu")
+    assert codebook.vocab_size == NUM_VISUAL
+    codebook.save_to_output(output)
+    table = token_table(codebook_version=codebook.version, tokenizer_version=tokenizer.version, **kwargs)
+    directory = Layout(output).tokens(codebook.version, tokenizer.version)
     step = -(-table.num_rows // shards)
     for i in range(shards):
         storage.write_parquet(table.slice(i * step, step), storage.join(directory, f"part-{i:05d}.parquet"))

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import math
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -229,6 +229,8 @@ class HierarchicalCodebook:
     def assign_levels(self, features: np.ndarray | torch.Tensor, batch_size: int = 262_144) -> np.ndarray:
         """Per-level child index of every feature, (N, depth) int64, descending the tree."""
         device = self.levels[0].device
+        if isinstance(features, np.ndarray) and not features.flags.writeable:
+            features = features.copy()  # torch warns on read-only arrays (e.g. from Arrow)
         x_all = torch.as_tensor(features) if isinstance(features, np.ndarray) else features
         if x_all.ndim != 2 or x_all.shape[1] != self.dim:
             raise ValueError(f"features must have shape (N, {self.dim}), got {tuple(x_all.shape)}")

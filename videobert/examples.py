@@ -179,6 +179,7 @@ class ExampleBuilder:
 
     def examples(self, segments: list[Segment], rng: np.random.Generator) -> list[Example]:
         """One example per segment; regimes assigned in equal shares (as far as the data allows)."""
+        self.check_ids(segments)
         order = sorted(range(len(segments)), key=lambda i: (segments[i].video_id, segments[i].segment_index))
         segments = [segments[i] for i in order]
         regimes = rng.permutation(np.arange(len(segments)) % len(REGIMES))
@@ -206,6 +207,23 @@ class ExampleBuilder:
                 video, rate = self._subsample(video, rng)
             out.append(self._example(int(regime), text, video, aligned, rate, rng))
         return out
+
+    def check_ids(self, segments: list[Segment]) -> None:
+        """Token ids outside the vocabulary mean shards from another tokenizer or codebook."""
+        for s in segments:
+            if len(s.text_ids) and not 0 <= s.text_ids.min() <= s.text_ids.max() < self.vocab.text_size:
+                raise ValueError(
+                    f"video {s.video_id} segment {s.segment_index}: text id outside the tokenizer's "
+                    f"{self.vocab.text_size} tokens (shards from another tokenizer?)"
+                )
+            if (
+                len(s.video_tokens)
+                and not 0 <= s.video_tokens.min() <= s.video_tokens.max() < self.vocab.num_visual
+            ):
+                raise ValueError(
+                    f"video {s.video_id} segment {s.segment_index}: visual word outside the codebook's "
+                    f"{self.vocab.num_visual} words (shards from another codebook?)"
+                )
 
     def _misaligned_video(
         self, segments: list[Segment], i: int, span: int, rng: np.random.Generator

@@ -71,6 +71,7 @@ def contact_sheet(
     """Draw the sheet; `read_frame(uri, time_s, size)` returns an (size, size, 3) uint8 frame."""
     sheet = Image.new("RGB", (LABEL_WIDTH + per_word * tile, max(1, len(picks)) * tile), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
+    failures: list[str] = []
     for row, (word, indices) in enumerate(picks):
         draw.text((4, row * tile + tile // 2 - 6), f"#{word}", fill=(0, 0, 0))
         for column, index in enumerate(indices):
@@ -78,9 +79,11 @@ def contact_sheet(
             try:
                 frame = read_frame(ref.source_uri, (ref.start_s + ref.end_s) / 2, tile)
             except Exception as error:  # an unreadable frame must not hide the rest of the sheet
-                log.warning("gallery: no frame from %s at %.2f s: %s", ref.source_uri, ref.start_s, error)
+                failures.append(f"{ref.source_uri} at {ref.start_s:.2f} s: {error}")
                 frame = None
             sheet.paste(_tile(frame, tile), (LABEL_WIDTH + column * tile, row * tile))
+    if failures:
+        log.warning("gallery: %d frames could not be read, e.g. %s", len(failures), failures[0])
     return sheet
 
 
