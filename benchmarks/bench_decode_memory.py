@@ -76,10 +76,14 @@ def main() -> int:
     started = time.perf_counter()
     short = make_long_video(cache / "two_minutes.mp4", 120)
     long = make_long_video(cache / "two_hours.mp4", 7200)
-    print(f"videos ready in {time.perf_counter() - started:.0f} s ({long.stat().st_size / 1e6:.1f} MB for 2 h)")
+    print(
+        f"videos ready in {time.perf_counter() - started:.0f} s ({long.stat().st_size / 1e6:.1f} MB for 2 h)"
+    )
     peer, ours = measure(short), measure(long)
     for name, row in (("2-minute", peer), ("2-hour", ours)):
-        print(f"  {name:9} {row['clips']:5d} clips in {row['seconds']:6.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB")
+        print(
+            f"  {name:9} {row['clips']:5d} clips in {row['seconds']:6.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB"
+        )
     ratio = ours["peak_rss_mb"] / peer["peak_rss_mb"]
     print(f"ratio 2-hour/2-minute peak RSS: {ratio:.3f} (goal <= 1.2)")
     return 0

@@ -82,7 +82,12 @@ def main() -> int:
     try:
         for i in range(args.videos):
             videos.make_object_video(
-                tmp / "videos" / f"v{i:03d}.mp4", seed=i, num_frames=24 * args.seconds, fps=24, height=120, width=160
+                tmp / "videos" / f"v{i:03d}.mp4",
+                seed=i,
+                num_frames=24 * args.seconds,
+                fps=24,
+                height=120,
+                width=160,
             )
         overrides = [
             f"source={tmp / 'videos'}",
@@ -110,9 +115,13 @@ def main() -> int:
         ray.shutdown()
         assert summary.clips == peer_clips, (summary.clips, peer_clips)
 
-        print(f"{args.videos} videos x {args.seconds} s, {peer_clips} clips of 8 x {args.size} px, {os.cpu_count()} CPUs")
+        print(
+            f"{args.videos} videos x {args.seconds} s, {peer_clips} clips of 8 x {args.size} px, {os.cpu_count()} CPUs"
+        )
         print(f"  plain single-process loop: {peer_clips / peer_s:7.2f} clips/s ({peer_s:.1f} s)")
-        print(f"  Ray Data extract pipeline: {summary.clips / ours_s:7.2f} clips/s ({ours_s:.1f} s, incl. actor start)")
+        print(
+            f"  Ray Data extract pipeline: {summary.clips / ours_s:7.2f} clips/s ({ours_s:.1f} s, incl. actor start)"
+        )
         print(f"  ratio ours/peer: {peer_s / ours_s:.2f} (goal >= 1.5)")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -55,7 +55,9 @@ def main() -> int:
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.backends.cudnn.benchmark = True  # both sides get the same cuDNN autotuning
 
-    encoder = ClipEncoder(EncoderConfig(weights="none", batch_size=args.batch, dtype="auto"), device=args.device)
+    encoder = ClipEncoder(
+        EncoderConfig(weights="none", batch_size=args.batch, dtype="auto"), device=args.device
+    )
     rng = np.random.default_rng(0)
     host_clips = rng.integers(0, 256, size=(args.batch, args.frames, args.size, args.size, 3), dtype=np.uint8)
 

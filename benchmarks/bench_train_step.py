@@ -54,7 +54,13 @@ def make_batch(args: argparse.Namespace, device: str) -> dict[str, torch.Tensor]
     masked = torch.rand(args.batch, args.seq, generator=generator) < 0.15
     labels = torch.where(masked, ids, torch.full_like(ids, -100))
     positions = torch.nonzero(masked.reshape(-1)).squeeze(-1)
-    batch = {"ids": ids, "types": types, "labels": labels, "positions": positions, "targets": ids.reshape(-1)[positions]}
+    batch = {
+        "ids": ids,
+        "types": types,
+        "labels": labels,
+        "positions": positions,
+        "targets": ids.reshape(-1)[positions],
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -117,7 +123,7 @@ def main() -> None:
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     fns = step_fns(args, device)
     tokens = args.batch * args.seq
-    for name, (step, optimizer, _) in fns.items():  # warm-up (and compilation)
+    for step, optimizer, _ in fns.values():  # warm-up (and compilation)
         for _ in range(3):
             step(optimizer)
         sync()

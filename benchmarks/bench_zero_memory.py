@@ -39,7 +39,9 @@ def worker(rank: int, stage: int, args: argparse.Namespace, port: int, results: 
     training.init_distributed(use_gpu=cuda)
     baseline = rss_mib()
     vocab = JointVocab(30_522, 20_736)
-    train = TrainConfig(steps=10, workers=WORLD, zero_stage=stage, batch_size=8 * WORLD, precision=args.precision)
+    train = TrainConfig(
+        steps=10, workers=WORLD, zero_stage=stage, batch_size=8 * WORLD, precision=args.precision
+    )
     model = build_model(args.size, vocab, max_positions=128)
     engine = training.build_engine(model, train, WORLD)
     builder = ExampleBuilder(vocab, ExampleConfig(max_len=128))

@@ -64,14 +64,23 @@ def stage_main(stage: str, run: Callable[[ExperimentConfig], Any], argv: list[st
 
 
 def init_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (set by `ray job submit`), else start a local one."""
+    """Join the cluster in RAY_ADDRESS (set by `ray job submit`; `auto` finds a local
+    `ray start` cluster), else start a private local instance.
+
+    A local instance gets at least 4 logical CPUs: CPU training workers hold one each, and
+    with only the 2 physical cores as slots, Ray Data's read tasks feeding them would never
+    be scheduled (a deadlock seen on this 2-core machine). The cores are shared, not lost.
+    """
     import ray
 
     if ray.is_initialized():
         return
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
-    ray.init(
-        address=os.environ.get("RAY_ADDRESS") or None,
-        runtime_env={"env_vars": env_vars} if env_vars else None,
-        log_to_driver=True,
-    )
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    address = os.environ.get("RAY_ADDRESS")
+    if address and address != "local":
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        ray.init(
+            address="local", num_cpus=max(4, os.cpu_count() or 1), runtime_env=runtime_env, log_to_driver=True
+        )

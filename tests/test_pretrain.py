@@ -61,6 +61,7 @@ def assert_loss_falls(run_id: str) -> None:
     assert last < first - 0.3, f"loss did not fall: {losses}"
 
 
+@pytest.mark.slow
 def test_zero2_bf16_loss_falls_and_rerun_resumes(ray_cluster, corpus_output, tmp_path):
     config = config_for(
         corpus_output,
@@ -101,6 +102,7 @@ def test_zero2_bf16_loss_falls_and_rerun_resumes(ray_cluster, corpus_output, tmp
     assert meta["steps"] == 24 and model.config.vocab_size == vocab.size
 
 
+@pytest.mark.slow
 def test_zero3_recovers_from_killed_worker(ray_cluster, corpus_output, tmp_path):
     marker = tmp_path / "killed-once"
     config = config_for(
@@ -120,6 +122,7 @@ def test_zero3_recovers_from_killed_worker(ray_cluster, corpus_output, tmp_path)
     assert_loss_falls(result.run_id)
 
 
+@pytest.mark.slow
 def test_ray_job_submit_pretrain_on_s3(ray_cluster, s3_bucket, tmp_path):
     output = f"{s3_bucket}/out"
     write_corpus(output)

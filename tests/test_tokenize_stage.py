@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -237,12 +239,17 @@ def test_extract_then_fit_codebook_by_ray_job_submit_then_tokenize(ray_cluster, 
     config = load_config(config_file)
     extract.run(config)
 
-    result = subprocess.run(
-        [ray_bin(), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
-         "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--",
-         sys_executable(), "-m", "pipelines.fit_codebook", "--config", str(config_file)],
-        cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    command = [
+        ray_bin(), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
+        "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--",
+        sys.executable, "-m", "pipelines.fit_codebook", "--config", str(config_file),
+    ]  # fmt: skip
+    for _ in range(12):
+        result = subprocess.run(command, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
+        # A loaded machine may not have the node's dashboard agent up yet: Ray says to retry.
+        if "No available agent to submit job" not in result.stderr:
+            break
+        time.sleep(5)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     codebook_uri = latest_codebook(config.output, k=2, depth=2)
     assert codebook_uri is not None
@@ -262,9 +269,3 @@ def test_extract_then_fit_codebook_by_ray_job_submit_then_tokenize(ray_cluster, 
     for row in ok.to_pylist():
         rows = tokens.filter(pc.equal(tokens.column("video_id"), row["video_id"]))
         assert sum(len(v) for v in rows.column("video_tokens").to_pylist()) >= row["num_clips"]
-
-
-def sys_executable() -> str:
-    import sys
-
-    return sys.executable
