@@ -45,7 +45,7 @@ def plain_loop(config: ExperimentConfig) -> int:
         rows: list[tuple[int, float, float, np.ndarray]] = []
         batch: list = []
 
-        def flush() -> None:
+        def flush(batch: list = batch, rows: list = rows) -> None:  # bound now: one video's lists
             features = encoder(np.stack([clip.frames for clip in batch]))
             rows.extend((c.clip_index, c.start_s, c.end_s, f) for c, f in zip(batch, features, strict=True))
             batch.clear()
@@ -108,7 +108,8 @@ def main() -> int:
 
         from pipelines import extract
 
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+        # address="local": a private instance, never a cluster another process started here.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         started = time.perf_counter()
         summary = extract.run(ours_config)
         ours_s = time.perf_counter() - started

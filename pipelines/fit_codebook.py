@@ -58,7 +58,9 @@ def sample_features(config: ExperimentConfig, manifest: pa.Table) -> pa.Table:
     files = [layout.features_file(v) for v in ok.column("video_id").to_pylist()]
     files = [f for f in files if storage.exists(f, config.s3)]
     if not files:
-        raise storage.StorageError(f"no committed features under {layout.features}: run `videobert extract` first")
+        raise storage.StorageError(
+            f"no committed features under {layout.features}: run `videobert extract` first"
+        )
     total = sum(n or 0 for n in ok.column("num_clips").to_pylist())
     wanted = config.codebook.sample_size
     # Keep a little more than the expected share so the final cut rarely comes up short.
@@ -81,11 +83,15 @@ def sample_features(config: ExperimentConfig, manifest: pa.Table) -> pa.Table:
     if not tables:
         raise storage.StorageError(f"the features under {layout.features} hold no clips")
     sample = pa.concat_tables(tables)
-    order = pc.sort_indices(sample, [("score", "ascending"), ("video_id", "ascending"), ("clip_index", "ascending")])
+    order = pc.sort_indices(
+        sample, [("score", "ascending"), ("video_id", "ascending"), ("clip_index", "ascending")]
+    )
     return sample.take(order[:wanted])
 
 
-def fit_on_cluster(config: ExperimentConfig, features: np.ndarray, encoder: str | None) -> HierarchicalCodebook:
+def fit_on_cluster(
+    config: ExperimentConfig, features: np.ndarray, encoder: str | None
+) -> HierarchicalCodebook:
     """Fit in a Ray task on a GPU when the cluster has one; else here, in the driver.
 
     A CPU-only cluster gains nothing from shipping the sample to a fresh worker (which must
@@ -108,10 +114,19 @@ def _encoder_of(manifest: pa.Table) -> str | None:
     return ",".join(encoders) or None
 
 
-def write_gallery(config: ExperimentConfig, codebook: HierarchicalCodebook, sample: pa.Table, manifest: pa.Table, features: np.ndarray, directory: str) -> bytes:
+def write_gallery(
+    config: ExperimentConfig,
+    codebook: HierarchicalCodebook,
+    sample: pa.Table,
+    manifest: pa.Table,
+    features: np.ndarray,
+    directory: str,
+) -> bytes:
     from videobert.decode import read_frame
 
-    source = dict(zip(manifest.column("video_id").to_pylist(), manifest.column("source_uri").to_pylist(), strict=True))
+    source = dict(
+        zip(manifest.column("video_id").to_pylist(), manifest.column("source_uri").to_pylist(), strict=True)
+    )
     refs = [
         ClipRef(source.get(v, ""), s, e)
         for v, s, e in zip(
@@ -132,14 +147,18 @@ def write_gallery(config: ExperimentConfig, codebook: HierarchicalCodebook, samp
     return png
 
 
-def log_to_mlflow(config: ExperimentConfig, codebook: HierarchicalCodebook, directory: str, png: bytes) -> str:
+def log_to_mlflow(
+    config: ExperimentConfig, codebook: HierarchicalCodebook, directory: str, png: bytes
+) -> str:
     """A run of its own with the codebook's params, inertia and files; returns the run id."""
     import mlflow
 
     setup_experiment(config)
     meta = codebook.metadata_json()
     with mlflow.start_run(run_name=f"{config.name}-codebook-{codebook.version}") as run:
-        mlflow.set_tags({"stage": "fit-codebook", "codebook_version": codebook.version, "codebook_uri": directory})
+        mlflow.set_tags(
+            {"stage": "fit-codebook", "codebook_version": codebook.version, "codebook_uri": directory}
+        )
         mlflow.log_params(
             {
                 "k": codebook.k,
@@ -178,7 +197,12 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     png = write_gallery(config, codebook, sample, manifest, features, directory)
     codebook.save(directory, config.s3)  # codebook.json last: it marks the codebook complete
     run_id = log_to_mlflow(config, codebook, directory, png)
-    log.info("codebook %s written to %s (inertia per level %s)", codebook.version, directory, codebook.inertia_per_level)
+    log.info(
+        "codebook %s written to %s (inertia per level %s)",
+        codebook.version,
+        directory,
+        codebook.inertia_per_level,
+    )
     return {
         "codebook_uri": directory,
         "codebook_version": codebook.version,

@@ -146,9 +146,12 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
 
     import ray
 
-    items = [{"video_id": v, "transcript_uri": t or ""} for v, t in zip(
-        todo.column("video_id").to_pylist(), todo.column("transcript_uri").to_pylist(), strict=True
-    )]
+    items = [
+        {"video_id": v, "transcript_uri": t or ""}
+        for v, t in zip(
+            todo.column("video_id").to_pylist(), todo.column("transcript_uri").to_pylist(), strict=True
+        )
+    ]
     num_batches = -(-len(items) // VIDEOS_PER_BATCH)
     results = (
         ray.data.from_items(items)
@@ -174,7 +177,12 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     summary["segments"] = sum(int(r["segments"]) for r in results)
     summary["transcript_errors"] = sum(1 for r in results if r["transcript_error"])
     summary["errors"] = sum(1 for r in results if r["error"])
-    log.info("tokenized %d videos into %d segments in %s", summary["videos_tokenized"], summary["segments"], directory)
+    log.info(
+        "tokenized %d videos into %d segments in %s",
+        summary["videos_tokenized"],
+        summary["segments"],
+        directory,
+    )
     return summary
 
 

@@ -65,7 +65,7 @@ def test_ray_job_submit_extract(ray_cluster, tmp_path: Path) -> None:
         env=ray_cluster.env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=540,  # generous: the job's driver imports torch and starts an actor
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "3 videos listed: 2 ok, 1 error" in result.stdout  # the job's closing summary, streamed back

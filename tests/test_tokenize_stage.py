@@ -220,8 +220,12 @@ def test_extract_then_fit_codebook_by_ray_job_submit_then_tokenize(ray_cluster, 
 
     source = tmp_path / "videos"
     for i, shape in enumerate(["circle", "square", "circle"]):
-        videos.make_object_video(source / f"v{i}.mp4", seed=40 + i, num_frames=40, height=64, width=64, shape=shape)
-    (source / "v0.vtt").write_bytes(b"WEBVTT\n\n00:00:00.500 --> 00:00:02.500\nA circle moves. It slides on.\n")
+        videos.make_object_video(
+            source / f"v{i}.mp4", seed=40 + i, num_frames=40, height=64, width=64, shape=shape
+        )
+    (source / "v0.vtt").write_bytes(
+        b"WEBVTT\n\n00:00:00.500 --> 00:00:02.500\nA circle moves. It slides on.\n"
+    )
     (source / "v1.vtt").write_bytes(b"WEBVTT\n\n00:00:01.000 --> 00:00:03.000\nThe square glides.\n")
     settings = {
         "source": str(source),
@@ -245,7 +249,9 @@ def test_extract_then_fit_codebook_by_ray_job_submit_then_tokenize(ray_cluster, 
         sys.executable, "-m", "pipelines.fit_codebook", "--config", str(config_file),
     ]  # fmt: skip
     for _ in range(12):
-        result = subprocess.run(command, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            command, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=300
+        )
         # A loaded machine may not have the node's dashboard agent up yet: Ray says to retry.
         if "No available agent to submit job" not in result.stderr:
             break

@@ -62,7 +62,9 @@ def align_segments(
     drafts: list[tuple[float, float, int, str, list[int]]] = []
     covered = [False] * len(ordered)
     for number, sentence in enumerate(sentences or []):
-        hit = [i for i, (cs, ce, _) in enumerate(ordered) if _overlaps(cs, ce, sentence.start_s, sentence.end_s)]
+        hit = [
+            i for i, (cs, ce, _) in enumerate(ordered) if _overlaps(cs, ce, sentence.start_s, sentence.end_s)
+        ]
         if not hit:
             continue
         for i in hit:

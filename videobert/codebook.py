@@ -219,12 +219,16 @@ class HierarchicalCodebook:
             "created_at": dt.datetime.now(dt.UTC).isoformat(),
         }
         cpu_levels = [level.cpu() for level in levels]
-        return cls(k=k, depth=depth, levels=cpu_levels, inertia_per_level=inertia_per_level, metadata=metadata)
+        return cls(
+            k=k, depth=depth, levels=cpu_levels, inertia_per_level=inertia_per_level, metadata=metadata
+        )
 
     def to(self, device: str | torch.device) -> HierarchicalCodebook:
         """A copy whose centroids live on `device` (assignment runs there)."""
         levels = [level.to(device) for level in self.levels]
-        return HierarchicalCodebook(self.k, self.depth, levels, list(self.inertia_per_level), dict(self.metadata))
+        return HierarchicalCodebook(
+            self.k, self.depth, levels, list(self.inertia_per_level), dict(self.metadata)
+        )
 
     def assign_levels(self, features: np.ndarray | torch.Tensor, batch_size: int = 262_144) -> np.ndarray:
         """Per-level child index of every feature, (N, depth) int64, descending the tree."""
@@ -249,7 +253,9 @@ class HierarchicalCodebook:
                     start = 0
                     for parent, count in zip(nodes.tolist(), counts.tolist(), strict=True):
                         rows = slice(start, start + count)
-                        partial = _distances(x_sorted[rows], self.levels[level][parent], centroid_sq[level][parent])
+                        partial = _distances(
+                            x_sorted[rows], self.levels[level][parent], centroid_sq[level][parent]
+                        )
                         local_sorted[rows] = partial.argmin(1)
                         start += count
                     local = torch.empty_like(order)

@@ -55,10 +55,16 @@ class TextTokenizer:
         )
         counted = _Counting(sentences)
         tokenizer.train_from_iterator(counted, trainer=trainer)
-        return cls(tokenizer, lowercase, {"source": "trained", "requested_vocab_size": vocab_size, "trained_sentences": counted.count})
+        return cls(
+            tokenizer,
+            lowercase,
+            {"source": "trained", "requested_vocab_size": vocab_size, "trained_sentences": counted.count},
+        )
 
     @classmethod
-    def from_vocab_file(cls, path_or_uri: str, lowercase: bool = True, s3: S3Config | None = None) -> TextTokenizer:
+    def from_vocab_file(
+        cls, path_or_uri: str, lowercase: bool = True, s3: S3Config | None = None
+    ) -> TextTokenizer:
         """Build from a vocab.txt (one token per line, line number = id), e.g. BERT uncased."""
         lines = storage.read_bytes(path_or_uri, s3).decode("utf-8").splitlines()
         vocab: dict[str, int] = {}
@@ -122,7 +128,9 @@ class TextTokenizer:
         tokenizer = Tokenizer.from_str(storage.read_bytes(storage.join(uri, TOKENIZER_FILE), s3).decode())
         loaded = cls(tokenizer, bool(meta["lowercase"]), meta)
         if loaded.version != meta["version"]:
-            raise ValueError(f"{uri}: vocabulary does not match version {meta['version']} (corrupt tokenizer)")
+            raise ValueError(
+                f"{uri}: vocabulary does not match version {meta['version']} (corrupt tokenizer)"
+            )
         return loaded
 
 

@@ -30,9 +30,7 @@ log = logging.getLogger(__name__)
 STATUS_COLUMNS = ("video_id", "segments", "transcript_error", "error")
 
 
-def load_sentences(
-    transcript_uri: str, s3: S3Config | None = None, max_gap_s: float = 2.0
-) -> list[Sentence]:
+def load_sentences(transcript_uri: str, s3: S3Config | None = None, max_gap_s: float = 2.0) -> list[Sentence]:
     """Sentences of a sidecar transcript; raises TranscriptError when it cannot be used."""
     try:
         data = storage.read_bytes(transcript_uri, s3)
@@ -136,7 +134,9 @@ class VideoTokenizer:
         return status
 
     @staticmethod
-    def _record(status: dict[str, list[Any]], vid: str, segments: int, transcript_error: str | None, error: str | None) -> None:
+    def _record(
+        status: dict[str, list[Any]], vid: str, segments: int, transcript_error: str | None, error: str | None
+    ) -> None:
         status["video_id"].append(vid)
         status["segments"].append(segments)
         status["transcript_error"].append(transcript_error)
