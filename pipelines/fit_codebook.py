@@ -55,8 +55,8 @@ def sample_features(config: ExperimentConfig, manifest: pa.Table) -> pa.Table:
 
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
     layout = Layout(config.output)
-    files = [layout.features_file(v) for v in ok.column("video_id").to_pylist()]
-    files = [f for f in files if storage.exists(f, config.s3)]
+    written = {storage.stem(f) for f in storage.list_files(layout.features, config.s3, suffix=".parquet")}
+    files = [layout.features_file(v) for v in ok.column("video_id").to_pylist() if v in written]
     if not files:
         raise storage.StorageError(
             f"no committed features under {layout.features}: run `videobert extract` first"

@@ -42,6 +42,7 @@ from videobert.tables import Layout
 CENTROIDS_FILE = "centroids.safetensors"
 METADATA_FILE = "codebook.json"
 GALLERY_FILE = "gallery.png"
+INIT_SAMPLE = 8192  # points k-means++ seeds from, per node
 
 
 def default_device() -> torch.device:
@@ -49,6 +50,8 @@ def default_device() -> torch.device:
 
 
 def _as_float_tensor(features: np.ndarray | torch.Tensor, device: torch.device) -> torch.Tensor:
+    if isinstance(features, np.ndarray) and not features.flags.writeable:
+        features = features.copy()  # torch warns on read-only arrays (e.g. from Arrow)
     tensor = torch.as_tensor(features) if isinstance(features, np.ndarray) else features
     if tensor.ndim != 2:
         raise ValueError(f"features must be 2-d (N, dim), got shape {tuple(tensor.shape)}")
@@ -60,18 +63,25 @@ def _distances(x: torch.Tensor, centroids: torch.Tensor, centroid_sq: torch.Tens
 
     Fit and assignment both take argmin of exactly this, so they agree on ties.
     """
-    return centroid_sq[None, :] - 2.0 * (x @ centroids.T)
+    return torch.addmm(centroid_sq[None, :], x, centroids.T, alpha=-2.0)
 
 
-def _nearest(x: torch.Tensor, centroids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _nearest(
+    x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Index of the nearest centroid and the true squared distance to it."""
-    partial = _distances(x, centroids, (centroids * centroids).sum(1))
-    best, labels = partial.min(1)
-    return labels, (best + (x * x).sum(1)).clamp_min_(0.0)
+    best, labels = _distances(x, centroids, (centroids * centroids).sum(1)).min(1)
+    return labels, (best + x_sq).clamp_min_(0.0)
 
 
 def _kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Greedy k-means++ (as scikit-learn): of 2 + log(k) D^2-sampled candidates, keep the best."""
+    """Greedy k-means++ (as scikit-learn): of 2 + log(k) D^2-sampled candidates, keep the best.
+
+    Seeds from a random subsample of at most INIT_SAMPLE points: initialisation then costs
+    a few Lloyd iterations' worth instead of 4k passes over a large node.
+    """
+    if x.shape[0] > INIT_SAMPLE:
+        x = x[torch.randperm(x.shape[0], generator=generator, device=x.device)[:INIT_SAMPLE]]
     n = x.shape[0]
     trials = 2 + int(math.log(k))
     x_sq = (x * x).sum(1)
@@ -105,20 +115,22 @@ def kmeans(
         labels = torch.arange(n, device=x.device)
         return centroids, labels, 0.0
     centroids = _kmeans_plus_plus(x, k, generator)
-    labels, sq = _nearest(x, centroids)
+    x_sq = (x * x).sum(1)
+    labels, sq = _nearest(x, x_sq, centroids)
     inertia = float(sq.sum())
     for _ in range(iterations):
-        # One-hot matmul instead of index_add_: deterministic on GPU too (no float atomics).
-        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)
-        counts = onehot.sum(0)
-        sums = onehot.T @ x
+        counts = torch.bincount(labels, minlength=k).to(x.dtype)
+        if x.is_cuda:  # one-hot matmul: no float atomics, so the fit stays deterministic on GPU
+            sums = torch.nn.functional.one_hot(labels, k).to(x.dtype).T @ x
+        else:
+            sums = torch.zeros(k, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
         centroids = sums / counts.clamp_min(1.0)[:, None]
         empty = torch.nonzero(counts == 0).flatten()
         if len(empty):
             # Re-seed each empty cluster with one of the points farthest from its centroid.
             farthest = torch.argsort(sq, descending=True, stable=True)[: len(empty)]
             centroids[empty] = x[farthest]
-        labels, sq = _nearest(x, centroids)
+        labels, sq = _nearest(x, x_sq, centroids)
         new_inertia = float(sq.sum())
         improved = inertia - new_inertia
         inertia = new_inertia

@@ -1,0 +1,139 @@
+"""Hierarchical k-means: ours (torch) vs faiss-cpu k-means per node, same features, same process.
+
+Both build the same tree (k clusters per node, `depth` levels) on the same sample and assign
+the same features by descending it. faiss is run twice: with its default training subsample
+(256 points per centroid per node) and on every point of the node (`--faiss-full`), the like
+for like comparison. Reports fit seconds, assignment rows/s, final-level inertia (mean squared
+distance to the leaf centroid), and the ratios ours/faiss.
+
+    python benchmarks/bench_codebook.py --n 100000 --dim 1024 --k 12 --depth 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+import torch
+
+from videobert.codebook import HierarchicalCodebook
+
+
+def clustered_features(n: int, dim: int, seed: int) -> np.ndarray:
+    """L2-normalised features around 500 random prototypes (like S3D features, roughly)."""
+    rng = np.random.default_rng(seed)
+    prototypes = rng.normal(size=(500, dim)).astype(np.float32)
+    x = prototypes[rng.integers(0, 500, n)] + 0.6 * rng.normal(size=(n, dim)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+class FaissTree:
+    """The same tree with faiss.Kmeans at every node."""
+
+    def __init__(self, k: int, depth: int, iterations: int, seed: int, full: bool):
+        self.k, self.depth, self.iterations, self.seed, self.full = k, depth, iterations, seed, full
+        self.levels: list[np.ndarray] = []
+
+    def fit(self, x: np.ndarray) -> FaissTree:
+        import faiss
+
+        n, dim = x.shape
+        node_of = np.zeros(n, np.int64)
+        for level in range(self.depth):
+            centroids = np.zeros((self.k**level, self.k, dim), np.float32)
+            next_node = np.zeros(n, np.int64)
+            for node in range(self.k**level):
+                members = np.nonzero(node_of == node)[0]
+                if len(members) == 0:
+                    centroids[node] = self.levels[level - 1][node // self.k, node % self.k]
+                    continue
+                points = np.ascontiguousarray(x[members])
+                if len(members) <= self.k:
+                    centroids[node] = points[np.arange(self.k) % len(members)]
+                    next_node[members] = node * self.k + np.arange(len(members))
+                    continue
+                extra = {"max_points_per_centroid": len(members)} if self.full else {}
+                kmeans = faiss.Kmeans(dim, self.k, niter=self.iterations, seed=self.seed + node, **extra)
+                kmeans.train(points)
+                centroids[node] = kmeans.centroids
+                _, labels = kmeans.index.search(points, 1)
+                next_node[members] = node * self.k + labels[:, 0]
+            self.levels.append(centroids)
+            node_of = next_node
+        return self
+
+    def assign(self, x: np.ndarray) -> np.ndarray:
+        import faiss
+
+        node = np.zeros(len(x), np.int64)
+        for level in range(self.depth):
+            local = np.zeros(len(x), np.int64)
+            for parent in np.unique(node):
+                rows = np.nonzero(node == parent)[0]
+                index = faiss.IndexFlatL2(x.shape[1])
+                index.add(self.levels[level][parent])
+                local[rows] = index.search(np.ascontiguousarray(x[rows]), 1)[1][:, 0]
+            node = node * self.k + local
+        return node.astype(np.int32)
+
+    def leaf_centroids(self) -> np.ndarray:
+        return self.levels[-1].reshape(self.k**self.depth, -1)
+
+
+def inertia(x: np.ndarray, words: np.ndarray, leaves: np.ndarray) -> float:
+    return float(((x - leaves[words]) ** 2).sum(1).mean())
+
+
+def timed(action):
+    started = time.perf_counter()
+    result = action()
+    return result, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=1024)
+    parser.add_argument("--k", type=int, default=12)
+    parser.add_argument("--depth", type=int, default=2)
+    parser.add_argument("--iterations", type=int, default=25)
+    parser.add_argument("--device", default=None, help="torch device for ours (default: cuda if available)")
+    args = parser.parse_args()
+    x = clustered_features(args.n, args.dim, seed=0)
+    print(
+        f"n={args.n} dim={args.dim} k={args.k} depth={args.depth} iterations<={args.iterations} threads={torch.get_num_threads()}"
+    )
+
+    ours, ours_fit = timed(
+        lambda: HierarchicalCodebook.fit(
+            x, args.k, args.depth, seed=0, iterations=args.iterations, device=args.device
+        )
+    )
+    ours_words, ours_assign = timed(lambda: ours.assign(x))
+    ours_inertia = inertia(x, ours_words, ours.leaf_centroids.numpy())
+    rows = [("ours (torch)", ours_fit, ours_assign, ours_inertia)]
+    for full in (False, True):
+        tree, fit_s = timed(lambda full=full: FaissTree(args.k, args.depth, args.iterations, 0, full).fit(x))
+        words, assign_s = timed(lambda tree=tree: tree.assign(x))
+        rows.append(
+            (
+                f"faiss {'full' if full else 'subsampled'}",
+                fit_s,
+                assign_s,
+                inertia(x, words, tree.leaf_centroids()),
+            )
+        )
+
+    print(f"{'':18} {'fit s':>8} {'assign rows/s':>14} {'inertia':>10}")
+    for name, fit_s, assign_s, value in rows:
+        print(f"{name:18} {fit_s:8.2f} {args.n / assign_s:14.0f} {value:10.5f}")
+    for name, fit_s, assign_s, value in rows[1:]:
+        print(
+            f"ours/{name}: fit time x{ours_fit / fit_s:.2f}, assign throughput x{assign_s / ours_assign:.2f}, "
+            f"inertia x{ours_inertia / value:.4f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
