@@ -13,7 +13,6 @@ STAGES = {
     "pretrain": "pretrain",
     "evaluate": "evaluate",
     "promote": "promote",
-    "embed": "embed",
     "run": "run",
     "demo-corpus": "demo_corpus",
 }
