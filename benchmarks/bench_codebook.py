@@ -4,7 +4,9 @@ Both build the same tree (k clusters per node, `depth` levels) on the same sampl
 the same features by descending it. faiss is run twice: with its default training subsample
 (256 points per centroid per node) and on every point of the node (`--faiss-full`), the like
 for like comparison. Reports fit seconds, assignment rows/s, final-level inertia (mean squared
-distance to the leaf centroid), and the ratios ours/faiss.
+distance to the leaf centroid), and the ratios ours/faiss. Assignment is timed best of
+`--repeats`; both sides group rows by parent with one sort per level. `--threads` sets torch's
+and faiss's (OpenMP) thread counts alike; on a loaded box 1 thread is the steadier figure.
 
     python benchmarks/bench_codebook.py --n 100000 --dim 1024 --k 12 --depth 2
 """
@@ -68,12 +70,19 @@ class FaissTree:
 
         node = np.zeros(len(x), np.int64)
         for level in range(self.depth):
-            local = np.zeros(len(x), np.int64)
-            for parent in np.unique(node):
-                rows = np.nonzero(node == parent)[0]
+            # Rows grouped by parent with one stable sort (not a scan of all rows per parent).
+            order = np.argsort(node, kind="stable")
+            parents, starts, counts = np.unique(node[order], return_index=True, return_counts=True)
+            x_sorted = x[order]
+            local_sorted = np.empty(len(x), np.int64)
+            for parent, start, count in zip(parents, starts, counts, strict=True):
                 index = faiss.IndexFlatL2(x.shape[1])
                 index.add(self.levels[level][parent])
-                local[rows] = index.search(np.ascontiguousarray(x[rows]), 1)[1][:, 0]
+                local_sorted[start : start + count] = index.search(x_sorted[start : start + count], 1)[1][
+                    :, 0
+                ]
+            local = np.empty_like(local_sorted)
+            local[order] = local_sorted
             node = node * self.k + local
         return node.astype(np.int32)
 
@@ -85,10 +94,14 @@ def inertia(x: np.ndarray, words: np.ndarray, leaves: np.ndarray) -> float:
     return float(((x - leaves[words]) ** 2).sum(1).mean())
 
 
-def timed(action):
-    started = time.perf_counter()
-    result = action()
-    return result, time.perf_counter() - started
+def timed(action, repeats: int = 1):
+    """(result, best wall seconds of `repeats` runs)."""
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = action()
+        best = min(best, time.perf_counter() - started)
+    return result, best
 
 
 def main() -> None:
@@ -99,7 +112,14 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=2)
     parser.add_argument("--iterations", type=int, default=25)
     parser.add_argument("--device", default=None, help="torch device for ours (default: cuda if available)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and faiss threads (default: all)")
+    parser.add_argument("--repeats", type=int, default=3, help="assignment timed best of this many runs")
     args = parser.parse_args()
+    if args.threads:
+        import faiss
+
+        torch.set_num_threads(args.threads)
+        faiss.omp_set_num_threads(args.threads)
     x = clustered_features(args.n, args.dim, seed=0)
     print(
         f"n={args.n} dim={args.dim} k={args.k} depth={args.depth} iterations<={args.iterations} threads={torch.get_num_threads()}"
@@ -110,12 +130,12 @@ def main() -> None:
             x, args.k, args.depth, seed=0, iterations=args.iterations, device=args.device
         )
     )
-    ours_words, ours_assign = timed(lambda: ours.assign(x))
+    ours_words, ours_assign = timed(lambda: ours.assign(x), args.repeats)
     ours_inertia = inertia(x, ours_words, ours.leaf_centroids.numpy())
     rows = [("ours (torch)", ours_fit, ours_assign, ours_inertia)]
     for full in (False, True):
         tree, fit_s = timed(lambda full=full: FaissTree(args.k, args.depth, args.iterations, 0, full).fit(x))
-        words, assign_s = timed(lambda tree=tree: tree.assign(x))
+        words, assign_s = timed(lambda tree=tree: tree.assign(x), args.repeats)
         rows.append(
             (
                 f"faiss {'full' if full else 'subsampled'}",

@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 
 WORLD = 2
+STAGES = (0, 1, 2, 3)  # stage 0 is the peer: data parallel with replicated optimizer state
 
 
 def rss_mib() -> float:
@@ -69,13 +70,20 @@ def main() -> None:
     args = parser.parse_args()
     manager = mp.Manager()
     results = manager.dict()
-    for offset, stage in enumerate((1, 2, 3)):
+    for offset, stage in enumerate(STAGES):
         mp.spawn(worker, args=(stage, args, 29600 + offset, results), nprocs=WORLD, join=True)
     print(f"size {args.size}, vocab 51,264, {WORLD} workers, {args.precision}, {args.device}")
-    for stage in (1, 2, 3):
+    what = "peak CUDA MiB" if args.device == "cuda" else "peak RSS growth MiB"
+    peer = max(results[(0, rank)] for rank in range(WORLD))
+    for stage in STAGES:
         peaks = [results[(stage, rank)] for rank in range(WORLD)]
-        what = "peak CUDA MiB" if args.device == "cuda" else "peak RSS growth MiB"
-        print(f"ZeRO-{stage}: {what} per worker " + ", ".join(f"{p:.0f}" for p in peaks))
+        name = "no ZeRO (peer: plain data parallel)" if stage == 0 else f"ZeRO-{stage}"
+        ratio = max(peaks) / peer
+        print(
+            f"{name}: {what} per worker "
+            + ", ".join(f"{p:.0f}" for p in peaks)
+            + f"; ratio to peer {ratio:.2f}"
+        )
 
 
 if __name__ == "__main__":

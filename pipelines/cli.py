@@ -13,6 +13,7 @@ STAGES = {
     "pretrain": "pretrain",
     "evaluate": "evaluate",
     "promote": "promote",
+    "embed": "embed",
     "run": "run",
     "demo-corpus": "demo_corpus",
 }

@@ -220,6 +220,42 @@ def feature_pool(config: ExperimentConfig) -> tuple[int, float, float]:
 # ---- committing --------------------------------------------------------------------------
 
 
+class ClipGatherer:
+    """Regroups rows by video: a video is complete once its END row and all its clip rows arrived.
+
+    They arrive in any order (a video's clips are spread over the feature actors).
+    """
+
+    def __init__(self) -> None:
+        self.clips: dict[str, dict[int, dict[str, Any]]] = {}
+        self.ends: dict[str, dict[str, Any]] = {}
+
+    def add(self, row: dict[str, Any]) -> tuple[str, dict[str, Any], dict[int, dict[str, Any]]] | None:
+        """Take one row; returns (video_id, END info, clip rows by clip_index) when that video is complete."""
+        vid = row["video_id"]
+        if row["kind"] == END:
+            self.ends[vid] = json.loads(row["info"])
+        else:
+            self.clips.setdefault(vid, {})[int(row["clip_index"])] = row
+        end = self.ends.get(vid)
+        if end is not None and len(self.clips.get(vid, {})) == end["emitted"]:
+            del self.ends[vid]
+            return vid, end, self.clips.pop(vid, {})
+        return None
+
+    def leftovers(self, stage: str) -> list[tuple[str, dict[str, Any]]]:
+        """Videos whose rows never all arrived (should not happen), each with an error END info."""
+        left = []
+        for vid in sorted(set(self.ends) | set(self.clips)):
+            got = len(self.clips.get(vid, {}))
+            want = self.ends.get(vid, {}).get("emitted", "?")
+            left.append(
+                (vid, {"status": "error", "error": f"{stage}: incomplete results ({got} of {want} clips)"})
+            )
+        self.clips, self.ends = {}, {}
+        return left
+
+
 class Committer:
     """Collects rows per video; writes a video's features, then (buffered) its manifest row."""
 
@@ -231,31 +267,19 @@ class Committer:
         self.videos = {v["video_id"]: v for v in videos}
         self.encoder = encoder
         self.run_id = run_id
-        self.clips: dict[str, dict[int, tuple[float, float, np.ndarray, str]]] = {}
-        self.ends: dict[str, dict[str, Any]] = {}
+        self.gatherer = ClipGatherer()
         self.pending_rows: list[dict[str, Any]] = []
         self.summary = ExtractSummary()
 
     def add(self, row: dict[str, Any]) -> None:
-        vid = row["video_id"]
-        if row["kind"] == END:
-            self.ends[vid] = json.loads(row["info"])
-        else:
-            self.clips.setdefault(vid, {})[int(row["clip_index"])] = (
-                float(row["start_s"]),
-                float(row["end_s"]),
-                row["feature"],
-                row["error"],
-            )
-        end = self.ends.get(vid)
-        if end is not None and len(self.clips.get(vid, {})) == end["emitted"]:
-            self.commit(vid, end, self.clips.pop(vid, {}))
-            del self.ends[vid]
+        complete = self.gatherer.add(row)
+        if complete is not None:
+            self.commit(*complete)
 
-    def commit(self, vid: str, end: dict[str, Any], clips: dict[int, tuple]) -> None:
+    def commit(self, vid: str, end: dict[str, Any], clips: dict[int, dict[str, Any]]) -> None:
         video = self.videos[vid]
         status, error = end["status"], end["error"]
-        feature_errors = sorted({c[3] for c in clips.values() if c[3]})
+        feature_errors = sorted({c["error"] for c in clips.values() if c["error"]})
         if status == "ok" and feature_errors:
             status, error = "error", feature_errors[0]
         row = {
@@ -272,9 +296,9 @@ class Committer:
                 {
                     "video_id": [vid] * len(order),
                     "clip_index": order,
-                    "start_s": [clips[i][0] for i in order],
-                    "end_s": [clips[i][1] for i in order],
-                    "feature": [clips[i][2].astype(np.float16) for i in order],
+                    "start_s": [float(clips[i]["start_s"]) for i in order],
+                    "end_s": [float(clips[i]["end_s"]) for i in order],
+                    "feature": [clips[i]["feature"].astype(np.float16) for i in order],
                 },
                 schema=tables.FEATURES_SCHEMA,
             )
@@ -304,10 +328,7 @@ class Committer:
 
     def finish(self) -> None:
         """Record videos whose rows never all arrived (should not happen), then flush."""
-        for vid in sorted(set(self.ends) | set(self.clips)):
-            got = len(self.clips.get(vid, {}))
-            want = self.ends.get(vid, {}).get("emitted", "?")
-            end = {"status": "error", "error": f"extract: incomplete results ({got} of {want} clips)"}
+        for vid, end in self.gatherer.leftovers("extract"):
             self.commit(vid, end, {})
         self.flush()
 

@@ -93,10 +93,17 @@ def resolve_inputs(config: ExperimentConfig) -> TokenInputs:
     )
 
 
-def default_run_name(config: ExperimentConfig, inputs: TokenInputs) -> str:
-    return config.train.run_name or (
-        f"{config.name}-{config.model.size}-{inputs.codebook_version}-{inputs.tokenizer_version}"
-    )
+def default_run_name(config: ExperimentConfig, inputs: TokenInputs, init_model_uri: str | None) -> str:
+    """Same inputs and starting point -> same name -> a rerun resumes that Ray Train run."""
+    if config.train.run_name:
+        return config.train.run_name
+    name = f"{config.name}-{config.model.size}-{inputs.codebook_version}-{inputs.tokenizer_version}"
+    return name + starting_point_suffix(init_model_uri)
+
+
+def starting_point_suffix(init_model_uri: str | None) -> str:
+    """Run-name suffix for a run that continues from a registered version ("" from scratch)."""
+    return f"-from-v{init_model_uri.rsplit('/', 1)[1]}" if init_model_uri else ""
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -117,7 +124,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     vocab = JointVocab.from_dict(loop_config["vocab"])
     model = build_model(config.model.size, vocab, config.model.max_seq_len, seed=train.seed)
     checkpoint = ray.train.get_checkpoint()
-    if config.model.init_from and checkpoint is None:
+    if checkpoint is None and loop_config.get("init_model_uri"):
+        continue_from_registered(model, vocab, loop_config, rank)
+    elif checkpoint is None and config.model.init_from:
         init_from_bert(model, config.model.init_from, vocab)
     engine = training.build_engine(model, train, world)
     step = 0
@@ -133,13 +142,26 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     micro = training.micro_batch_size(train, world)
 
     def micro_batches() -> Any:
-        epoch = 0
+        # A shard small enough to keep is streamed once, then replayed from memory in a new
+        # order each epoch: restarting a Ray Data split per epoch costs seconds, which would
+        # dominate a small corpus. A large shard streams every epoch.
+        kept: list[dict[str, np.ndarray]] | None = []
+        kept_rows, epoch = 0, 0
         while True:
             # Seeded by where this attempt starts, so a resumed run does not replay the same batches.
             rng = np.random.default_rng([train.seed, rank, start_step, epoch])
             seen = False
+            if epoch > 0 and kept is not None:
+                for index in rng.permutation(len(kept)):
+                    yield builder.batch(kept[index], rng)
+                epoch += 1
+                continue
             for rows in shard.iter_batches(batch_size=micro, batch_format="numpy"):
                 seen = True
+                if kept is not None:
+                    kept.append(rows)
+                    kept_rows += len(rows["video_id"])
+                    kept = kept if kept_rows <= train.cache_shard_rows else None
                 yield builder.batch(rows, rng)
             if not seen:
                 raise RuntimeError(f"worker {rank} received no token rows")
@@ -175,6 +197,37 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             report(step, metrics)
 
 
+def continue_from_registered(model: Any, vocab: Any, loop_config: dict[str, Any], rank: int) -> None:
+    """Initialise a fresh run from a registered version (train.resume_from_champion)."""
+    import mlflow
+
+    from videobert.model import init_from_videobert
+    from videobert.tracking import load_registered_model
+
+    mlflow.set_tracking_uri(loop_config["tracking_uri"])
+    source, source_vocab, meta = load_registered_model(loop_config["init_model_uri"])
+    same_codebook = meta.get("codebook_version") == loop_config["codebook_version"]
+    copied = init_from_videobert(model, vocab, source, source_vocab, same_codebook)
+    if rank == 0:
+        log.info("initialised from %s: %s", loop_config["init_model_uri"], copied)
+
+
+def champion_to_continue_from(config: ExperimentConfig) -> str | None:
+    """The pinned champion URI when `train.resume_from_champion` is set and a champion exists."""
+    if not config.train.resume_from_champion:
+        return None
+    from mlflow import MlflowClient
+
+    from videobert.promotion import CHAMPION, alias_version
+
+    name = config.mlflow.registered_model
+    version = alias_version(MlflowClient(), name, CHAMPION)
+    if version is None:
+        log.info("train.resume_from_champion: no %s@%s yet, starting from scratch", name, CHAMPION)
+        return None
+    return f"models:/{name}/{version}"
+
+
 def run(config: ExperimentConfig, fault: dict[str, Any] | None = None) -> PretrainResult:
     """Pretrain on the token shards and register the model. `fault` is for tests only:
     {"rank", "step", "marker"} makes that rank exit at that step once."""
@@ -184,7 +237,7 @@ def run(config: ExperimentConfig, fault: dict[str, Any] | None = None) -> Pretra
     from ray.train.torch import TorchTrainer
 
     from videobert import training
-    from videobert.mlflow_utils import tracking_uri
+    from videobert.mlflow_utils import setup_experiment, tracking_uri
     from videobert.model import JointVocab, VideoBert, VideoBertConfig, load_weights
     from videobert.model_eval import in_holdout
     from videobert.tracking import (
@@ -198,11 +251,15 @@ def run(config: ExperimentConfig, fault: dict[str, Any] | None = None) -> Pretra
         raise ConfigError("model.max_seq_len must be >= 8")
     inputs = resolve_inputs(config)
     vocab = JointVocab(inputs.text_vocab, inputs.num_visual)
-    run_name = default_run_name(config, inputs)
     uri = tracking_uri(config)
+    setup_experiment(config)
+    init_model_uri = champion_to_continue_from(config)
+    run_name = default_run_name(config, inputs, init_model_uri)
     run_id, resumed = start_or_resume_run(config, run_name)
     log_lineage(run_id, inputs.tokens_uri, inputs.files, inputs.codebook_version, inputs.tokenizer_version)
     log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
+    if init_model_uri:
+        mlflow.MlflowClient().set_tag(run_id, "init_from", init_model_uri)
 
     init_ray()
     fs, root = storage.filesystem(inputs.tokens_uri, config.s3)
@@ -227,6 +284,8 @@ def run(config: ExperimentConfig, fault: dict[str, Any] | None = None) -> Pretra
             "run_id": run_id,
             "tracking_uri": uri,
             "fault": fault,
+            "init_model_uri": init_model_uri,
+            "codebook_version": inputs.codebook_version,
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.workers, use_gpu=config.train.use_gpu
@@ -260,6 +319,7 @@ def run(config: ExperimentConfig, fault: dict[str, Any] | None = None) -> Pretra
         "steps": int(metrics.get("step", config.train.steps)),
         "run_name": run_name,
         "checkpoint": result.checkpoint.path,
+        "init_from": init_model_uri or config.model.init_from or "",
     }
     mlflow.set_tracking_uri(uri)
     log_loss_curve(run_id)

@@ -28,7 +28,7 @@ from pipelines.common import init_ray, stage_main
 from videobert import storage
 from videobert.config import ExperimentConfig
 from videobert.mlflow_utils import setup_experiment, tracking_uri
-from videobert.promotion import CANDIDATE, alias_version
+from videobert.promotion import CANDIDATE, CHAMPION, alias_version
 from videobert.tracking import token_digest
 
 log = logging.getLogger("videobert.run")
@@ -80,8 +80,9 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         results["pretrain"] = {"skipped": True, "version": tags["version"]}
     else:
         if not config.train.run_name:
-            # Same inputs -> same Ray Train run name -> a killed run resumes from its checkpoint.
-            config.train.run_name = f"{config.name}-{digest}-{trained_on}"
+            # Same inputs and starting point -> same Ray Train run name -> a killed run resumes.
+            start = pretrain.starting_point_suffix(pretrain.champion_to_continue_from(config))
+            config.train.run_name = f"{config.name}-{digest}-{trained_on}{start}"
         trained = stage("pretrain", pretrain.run, config)
         client = MlflowClient()
         for key, value in (("tokens_digest", digest), ("train_digest", trained_on)):
@@ -111,7 +112,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
 
 
 def alias_version_or_none(config: ExperimentConfig) -> str | None:
-    return alias_version(MlflowClient(), config.mlflow.registered_model, "champion")
+    return alias_version(MlflowClient(), config.mlflow.registered_model, CHAMPION)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,13 +6,19 @@
    trained on the sentences of every `ok` video's transcript only when none exists (or
    `text.retrain` is set). A new corpus alone does not retrain it, so token versions stay
    stable while videos are added.
-3. Ray Data over the `ok` videos that have no token file under
-   `tokens/<codebook>-<tokenizer>/` yet: a pool of `VideoTokenizer` actors (codebook loaded
-   once, GPU when there is one) writes `<video_id>.parquet` per video. A rerun finds every
-   file present and writes nothing; a new codebook or tokenizer version is a new directory.
+3. Ray Data over the `ok` videos whose token file under `tokens/<codebook>-<tokenizer>/` is
+   missing or was made from other inputs: the tokens manifest
+   (`tokens_manifest/<codebook>-<tokenizer>/`) records, per video, the source ETag, encoder
+   and extract run of the features and the transcript's ETag it was made from. A pool of
+   `VideoTokenizer` actors (codebook loaded once, GPU when there is one) writes
+   `<video_id>.parquet` per video (the same name, so a changed video's rows are replaced,
+   never duplicated); the tokens-manifest rows are appended after the files. A rerun over
+   unchanged inputs writes nothing; a new codebook or tokenizer version is a new directory.
 4. Manifest: a transcript that cannot be used gets the video's row re-appended with
    `transcript_error` (the video still gives video-only segments); a video whose features
-   cannot be read gets an `error` row. Nothing disappears silently.
+   cannot be read gets an `error` row, and its token file, made from older features, is
+   removed (so is that of any video the manifest now marks `error`). Nothing disappears
+   silently.
 """
 
 from __future__ import annotations
@@ -28,9 +34,16 @@ from pipelines.common import init_ray, stage_main
 from videobert import storage
 from videobert.codebook import HierarchicalCodebook, latest_codebook
 from videobert.config import ExperimentConfig
-from videobert.tables import Layout, append_manifest, read_manifest
+from videobert.tables import (
+    Layout,
+    append_manifest,
+    append_tokens_manifest,
+    compact_tokens_manifest,
+    read_manifest,
+    read_tokens_manifest,
+)
 from videobert.text_tokenizer import TextTokenizer, latest_tokenizer
-from videobert.token_shards import VideoTokenizer, load_sentences
+from videobert.token_shards import VideoTokenizer, inputs_key, load_sentences, token_inputs, transcript_etags
 from videobert.transcripts import TranscriptError
 
 log = logging.getLogger("videobert.tokenize")
@@ -122,19 +135,37 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
             f"{Layout(output).codebooks}: run `videobert fit-codebook` first"
         )
     codebook_version = HierarchicalCodebook.load(codebook_uri, s3).version
-    videos = _ok_videos(read_manifest(output, s3))
+    manifest = read_manifest(output, s3)
+    videos = _ok_videos(manifest)
     init_ray()
     tokenizer_uri = resolve_tokenizer(config, videos)
     tokenizer_version = TextTokenizer.load(tokenizer_uri, s3).version
     directory = Layout(output).tokens(codebook_version, tokenizer_version)
-    done = {storage.stem(f) for f in storage.list_files(directory, s3, suffix=".parquet")}
+    files = {storage.stem(f): f for f in storage.list_files(directory, s3, suffix=".parquet")}
+    made_from = {
+        row["video_id"]: inputs_key(row)
+        for row in read_tokens_manifest(output, codebook_version, tokenizer_version, s3).to_pylist()
+    }
+    # Transcript ETags are read before tokenizing: one that changes meanwhile is redone next run.
+    etags = transcript_etags([u for u in videos.column("transcript_uri").to_pylist() if u], config.source, s3)
+    inputs = {
+        row["video_id"]: token_inputs(row, etags.get(row["transcript_uri"])) for row in videos.to_pylist()
+    }
+    done = {v for v, want in inputs.items() if v in files and made_from.get(v) == inputs_key(want)}
     todo = videos.filter(pc.invert(pc.is_in(videos.column("video_id"), pa.array(sorted(done), pa.string()))))
+    # Videos the manifest now marks `error` have no features: tokens made from older ones are stale.
+    failed = set(manifest.column("video_id").to_pylist()) - set(inputs)
+    removed = sorted(failed & set(files))
+    for vid in removed:
+        storage.delete(files[vid], s3)
     summary: dict[str, Any] = {
         "tokens_dir": directory,
         "codebook_version": codebook_version,
         "tokenizer_version": tokenizer_version,
         "tokenizer_uri": tokenizer_uri,
-        "videos_done_before": len(done & set(videos.column("video_id").to_pylist())),
+        "videos_done_before": len(done),
+        "videos_changed": sum(1 for v in todo.column("video_id").to_pylist() if v in files),
+        "videos_removed": len(removed),
         "videos_tokenized": 0,
         "segments": 0,
         "transcript_errors": 0,
@@ -143,6 +174,12 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     if todo.num_rows == 0:
         log.info("tokens in %s are up to date (%d videos)", directory, len(done))
         return summary
+    log.info(
+        "tokenizing %d videos (%d changed since their tokens were made; %d up to date)",
+        todo.num_rows,
+        summary["videos_changed"],
+        len(done),
+    )
 
     import ray
 
@@ -173,6 +210,18 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     )
     updates = manifest_updates(todo, results)
     append_manifest(output, updates, s3)
+    # The token files are written (by the actors); now record what each was made from.
+    made = [
+        {"video_id": r["video_id"], **inputs[r["video_id"]], "segments": int(r["segments"])}
+        for r in results
+        if not r["error"]
+    ]
+    append_tokens_manifest(output, codebook_version, tokenizer_version, made, s3)
+    compact_tokens_manifest(output, codebook_version, tokenizer_version, s3)
+    # A video whose features cannot be read now must not keep tokens made from older ones.
+    for r in results:
+        if r["error"] and r["video_id"] in files:
+            storage.delete(files[r["video_id"]], s3)
     summary["videos_tokenized"] = sum(1 for r in results if not r["error"])
     summary["segments"] = sum(int(r["segments"]) for r in results)
     summary["transcript_errors"] = sum(1 for r in results if r["transcript_error"])

@@ -9,6 +9,7 @@ All three are real servers on 127.0.0.1, started once per session:
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -93,11 +94,46 @@ def s3_bucket(s3_server: str) -> str:
     return f"s3://{name}"
 
 
+# What `ray job submit --working-dir` must not upload: environments, caches, local outputs.
+UPLOAD_EXCLUDES = [
+    ".venv",
+    ".git",
+    ".torch_extensions",
+    ".ruff_cache",
+    ".pytest_cache",
+    "out",
+    "data",
+    "mlruns",
+    "*.egg-info",
+    "__pycache__",
+]
+
+
 @dataclass
 class RayCluster:
     address: str  # GCS address for ray.init
     dashboard_url: str  # for `ray job submit --address`
     env: dict[str, str]  # environment for `ray job submit` subprocesses
+
+    def submit(
+        self, entrypoint: list[str], env: dict[str, str] | None = None, timeout: float = 540
+    ) -> subprocess.CompletedProcess[str]:
+        """`ray job submit --working-dir <repo> -- <entrypoint>`, waiting for the job to end.
+
+        The head's job agent registers some seconds after the dashboard answers (longer on a
+        loaded machine); until then Ray refuses a submission with "No available agent to
+        submit job, please try again later" and starts nothing, so that answer is retried.
+        """
+        command = [ray_bin(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO)]
+        command += ["--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--", *entrypoint]
+        deadline = time.monotonic() + 180
+        while True:
+            result = subprocess.run(
+                command, cwd=REPO, env=env or self.env, capture_output=True, text=True, timeout=timeout
+            )
+            if "No available agent" not in result.stdout + result.stderr or time.monotonic() > deadline:
+                return result
+            time.sleep(3)
 
 
 @pytest.fixture(scope="session")
@@ -146,7 +182,7 @@ def ray_cluster(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 os.killpg(head.pid, sig)
-                head.wait(timeout=30)
+                head.wait(timeout=5)  # `ray start --block` can sit on SIGTERM for long
                 break
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 continue

@@ -50,6 +50,22 @@ def test_hierarchy_recovers_planted_tree_and_prefixes_match_each_level():
         assert node == words[i]
 
 
+def test_assignment_matches_brute_force_descent_in_any_chunking():
+    # Skewed data: a few nodes get hundreds of rows (one matmul each), most a handful (the
+    # batched path); batch sizes that split nodes across chunks must not change a word.
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(size=(1200, 8)), rng.normal(size=(100, 8)) * 5 + 20]).astype(np.float32)
+    k, depth = 5, 3
+    codebook = HierarchicalCodebook.fit(x, k=k, depth=depth, seed=0, iterations=5)
+    levels = [level.numpy().astype(np.float64) for level in codebook.levels]
+    node = np.zeros(len(x), np.int64)
+    for level in levels:
+        children = level[node]  # (n, k, dim): each row's own k candidates
+        node = node * k + ((children - x[:, None, :].astype(np.float64)) ** 2).sum(-1).argmin(1)
+    for batch_size in (None, 50, 500):
+        assert np.array_equal(codebook.assign(x, batch_size=batch_size), node)
+
+
 def test_deterministic_under_seed_and_version_is_content_hash():
     x, _ = planted(k=4, depth=2, per_leaf=15)
     first = HierarchicalCodebook.fit(x, k=4, depth=2, seed=7, iterations=20)

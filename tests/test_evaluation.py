@@ -64,7 +64,9 @@ def test_retrieval_metrics_by_hand() -> None:
     )
     assert ev.retrieval_ranks(scores).tolist() == [1.0, 3.0, 2.0]
     metrics = ev.retrieval_metrics(scores, ks=(1, 2, 10))
-    assert metrics == pytest.approx({"r@1": 1 / 3, "r@2": 2 / 3, "r@10": 1.0, "median_rank": 2.0})
+    assert metrics == pytest.approx(
+        {"recall_at_1": 1 / 3, "recall_at_2": 2 / 3, "recall_at_10": 1.0, "median_rank": 2.0}
+    )
     # explicit targets: two queries for the same gallery item
     assert ev.retrieval_ranks(scores[:2], targets=[0, 0]).tolist() == [1.0, 2.0]
     # all tied: expected rank is the middle
@@ -122,7 +124,7 @@ def test_report_and_plots(tmp_path) -> None:
             assert len(set(image.convert("L").getdata())) > 5
     report = ev.markdown_report(
         "Evaluation of videobert v3",
-        {"alignment_auc": 0.91234, "r@1": 0.5, "masked_text_accuracy": float("nan"), "videos": 12},
+        {"alignment_auc": 0.91234, "recall_at_1": 0.5, "masked_text_accuracy": float("nan"), "videos": 12},
         notes={"model": "models:/videobert/3"},
         plots={"ROC": "roc.png", "Ranks": "ranks.png"},
     )

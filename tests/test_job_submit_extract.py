@@ -9,32 +9,15 @@ has the project installed.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import yaml
 
 from tests import videos
-from tests.conftest import ray_bin
 from videobert import tables
 
 REPO = Path(__file__).resolve().parent.parent
-
-UPLOAD_EXCLUDES = [
-    ".venv",
-    ".git",
-    ".torch_extensions",
-    ".ruff_cache",
-    ".pytest_cache",
-    "out",
-    "data",
-    "mlruns",
-    "*.egg-info",
-    "__pycache__",
-]
 
 
 def test_ray_job_submit_extract(ray_cluster, tmp_path: Path) -> None:
@@ -55,36 +38,7 @@ def test_ray_job_submit_extract(ray_cluster, tmp_path: Path) -> None:
             }
         )
     )
-    # The head's job agent registers some seconds after the dashboard answers; until then a
-    # submission is refused with "No available agent ... try again later" (nothing started).
-    for _ in range(6):
-        result = subprocess.run(
-            [
-                ray_bin(),
-                "job",
-                "submit",
-                "--address",
-                ray_cluster.dashboard_url,
-                "--working-dir",
-                str(REPO),
-                "--runtime-env-json",
-                json.dumps({"excludes": UPLOAD_EXCLUDES}),
-                "--",
-                sys.executable,
-                "-m",
-                "pipelines.extract",
-                "--config",
-                str(config),
-            ],
-            cwd=REPO,
-            env=ray_cluster.env,
-            capture_output=True,
-            text=True,
-            timeout=540,  # generous: the job's driver imports torch and starts an actor
-        )
-        if "No available agent" not in result.stderr + result.stdout:
-            break
-        time.sleep(5)
+    result = ray_cluster.submit([sys.executable, "-m", "pipelines.extract", "--config", str(config)])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "3 videos listed: 2 ok, 1 error" in result.stdout  # the job's closing summary, streamed back
 

@@ -15,6 +15,7 @@ from videobert.model import (
     export_hf,
     hf_to_videobert,
     init_from_bert,
+    init_from_videobert,
     load_pretrained,
     save_pretrained,
 )
@@ -145,3 +146,35 @@ def test_save_and_load_pretrained_round_trip(tmp_path):
     ids = torch.randint(0, VOCAB.size, (1, 9))
     torch.testing.assert_close(loaded.encode(ids, ids * 0), model.encode(ids, ids * 0))
     assert loaded.mlm_head.decoder.weight is loaded.embeddings.word_embeddings.weight
+
+
+def test_init_from_videobert_moves_rows_by_meaning():
+    source = build_model("debug", VOCAB, max_positions=32, seed=1)
+    # A newer tokenizer: "b" dropped, "zz" new, "a" moved; same codebook, 12 visual words.
+    vocab = JointVocab(["zz", "c", "a", "d", "e", "f", "g", "h"], 12)
+    target = build_model("debug", vocab, max_positions=48, seed=2)
+    fresh_zz = target.embeddings.word_embeddings.weight[vocab.text_ids(0)].clone()
+    copied = init_from_videobert(target, vocab, source, VOCAB, same_codebook=True)
+    assert copied == {"text_rows": 7, "visual_rows": 12}
+
+    src, dst = source.embeddings.word_embeddings.weight, target.embeddings.word_embeddings.weight
+    assert torch.equal(dst[:6], src[:6])  # specials by id
+    assert torch.equal(dst[vocab.text_ids(2)], src[VOCAB.text_ids(0)])  # "a" follows its string
+    assert torch.equal(dst[vocab.text_ids(0)], fresh_zz)  # a new token keeps its fresh row
+    assert torch.equal(dst[vocab.video_ids(5)], src[VOCAB.video_ids(5)])
+    bias_src, bias_dst = source.mlm_head.decoder.bias, target.mlm_head.decoder.bias
+    assert torch.equal(bias_dst[vocab.text_ids(2)], bias_src[VOCAB.text_ids(0)])
+    assert torch.equal(target.layers[1].attention.qkv.weight, source.layers[1].attention.qkv.weight)
+    assert torch.equal(
+        target.embeddings.position_embeddings.weight[:32], source.embeddings.position_embeddings.weight
+    )
+    assert target.mlm_head.decoder.weight is target.embeddings.word_embeddings.weight  # still tied
+
+    # Another codebook: its word 5 is another cluster, so visual rows stay fresh.
+    other = build_model("debug", vocab, max_positions=48, seed=3)
+    before = other.embeddings.word_embeddings.weight[vocab.video_offset :].clone()
+    assert init_from_videobert(other, vocab, source, VOCAB, same_codebook=False)["visual_rows"] == 0
+    assert torch.equal(other.embeddings.word_embeddings.weight[vocab.video_offset :], before)
+
+    with pytest.raises(ValueError, match="model.size differs"):
+        init_from_videobert(build_model("base", vocab), vocab, source, VOCAB, same_codebook=True)

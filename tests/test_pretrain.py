@@ -7,14 +7,12 @@ loss visibly falls within a few dozen steps.
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 import mlflow
 import pytest
 
 from pipelines import pretrain
-from tests.conftest import ray_bin
 from tests.token_corpus import write_corpus
 from videobert.config import load_config
 from videobert.tracking import load_registered_model
@@ -61,7 +59,6 @@ def assert_loss_falls(run_id: str) -> None:
     assert last < first - 0.3, f"loss did not fall: {losses}"
 
 
-@pytest.mark.slow
 def test_zero2_bf16_loss_falls_and_rerun_resumes(ray_cluster, corpus_output, tmp_path):
     config = config_for(
         corpus_output,
@@ -101,8 +98,16 @@ def test_zero2_bf16_loss_falls_and_rerun_resumes(ray_cluster, corpus_output, tmp
     model, vocab, meta = load_registered_model("models:/videobert@candidate")
     assert meta["steps"] == 24 and model.config.vocab_size == vocab.size
 
+    # train.resume_from_champion: a new run starts from the champion's weights, not from scratch.
+    client.set_registered_model_alias("videobert", "champion", second.model_version)
+    config.train.steps, config.train.run_name, config.train.resume_from_champion = 2, "from-champion", True
+    third = pretrain.run(config)
+    assert third.run_id != first.run_id and third.start_step == 0
+    assert client.get_run(third.run_id).data.tags["init_from"] == f"models:/videobert/{second.model_version}"
+    scratch_loss, continued_loss = loss_history(first.run_id)[0], loss_history(third.run_id)[0]
+    assert continued_loss < scratch_loss - 0.3, (scratch_loss, continued_loss)
 
-@pytest.mark.slow
+
 def test_zero3_recovers_from_killed_worker(ray_cluster, corpus_output, tmp_path):
     marker = tmp_path / "killed-once"
     config = config_for(
@@ -122,7 +127,6 @@ def test_zero3_recovers_from_killed_worker(ray_cluster, corpus_output, tmp_path)
     assert_loss_falls(result.run_id)
 
 
-@pytest.mark.slow
 def test_ray_job_submit_pretrain_on_s3(ray_cluster, s3_bucket, tmp_path):
     output = f"{s3_bucket}/out"
     write_corpus(output)
@@ -139,10 +143,8 @@ def test_ray_job_submit_pretrain_on_s3(ray_cluster, s3_bucket, tmp_path):
             ]
         )
     )
-    env = {**ray_cluster.env, "RAY_AUTH_MODE": "token", "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}
-    command = [ray_bin(), "job", "submit", "--address", ray_cluster.dashboard_url, "--"]
-    command += [sys.executable, "-m", "pipelines.pretrain", "--config", str(config_file)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400)
+    env = {**ray_cluster.env, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}
+    done = ray_cluster.submit([sys.executable, "-m", "pipelines.pretrain", "--config", str(config_file)], env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     version = mlflow.MlflowClient().get_model_version_by_alias("job-model", "candidate")

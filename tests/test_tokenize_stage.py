@@ -1,16 +1,14 @@
 """fit-codebook + tokenize on the shared Ray cluster: synthetic committed features, then real videos.
 
-The synthetic corpus goes through the table contracts only (manifest rows + features files),
-so these tests exercise the stages independently of the extract stage.
+The synthetic corpus (tests/feature_corpus.py) goes through the table contracts only (manifest
+rows + features files), so these tests exercise the stages independently of the extract stage.
 """
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -20,63 +18,16 @@ import pyarrow.compute as pc
 import pytest
 
 from pipelines import fit_codebook, tokenize
+from tests.feature_corpus import write_video
 from videobert import storage
 from videobert.codebook import HierarchicalCodebook, latest_codebook
-from videobert.config import load_config
+from videobert.config import ExperimentConfig, load_config
 from videobert.mlflow_utils import tracking_uri
-from videobert.tables import FEATURE_DIM, FEATURES_SCHEMA, Layout, append_manifest, read_manifest, video_id
-from videobert.text_tokenizer import TextTokenizer
+from videobert.tables import Layout, append_manifest, read_manifest
+from videobert.text_tokenizer import TextTokenizer, list_tokenizers
 from videobert.token_shards import read_tokens
 
 REPO = Path(__file__).resolve().parent.parent
-PROTOTYPES = np.random.default_rng(123).normal(size=(4, FEATURE_DIM))
-
-TRANSCRIPTS = {
-    "vtt": b"WEBVTT\n\n00:00:00.000 --> 00:00:03.000\nCrack the eggs into the bowl.\n\n"
-    b"00:00:09.000 --> 00:00:12.000\nWhisk them well. Then heat the pan.\n",
-    "srt": b"1\n00:00:01,500 --> 00:00:04,500\nChop the onions finely.\n",
-    "json": json.dumps([{"start": 0, "end": 6, "text": "Stir the sauce slowly."}]).encode(),
-    "bad.vtt": b"this is not a caption file",
-}
-
-
-def write_video(
-    output: str, source_dir: str, number: int, clips: int = 10, transcript: str | None = None
-) -> str:
-    """One committed video: features of planted prototypes (L2-normalised), a sidecar, a manifest row."""
-    source_uri = storage.join(source_dir, f"video{number}.mp4")
-    vid = video_id(source_uri)
-    rng = np.random.default_rng(number)
-    kinds = rng.integers(0, len(PROTOTYPES), size=clips)
-    features = PROTOTYPES[kinds] + 0.05 * rng.normal(size=(clips, FEATURE_DIM))
-    features /= np.linalg.norm(features, axis=1, keepdims=True)
-    table = pa.table(
-        {
-            "video_id": [vid] * clips,
-            "clip_index": list(range(clips)),
-            "start_s": [1.5 * i for i in range(clips)],
-            "end_s": [1.5 * (i + 1) for i in range(clips)],
-            "feature": pa.array(list(features.astype(np.float16)), FEATURES_SCHEMA.field("feature").type),
-        },
-        schema=FEATURES_SCHEMA,
-    )
-    storage.write_parquet(table, Layout(output).features_file(vid))
-    transcript_uri = None
-    if transcript:
-        transcript_uri = storage.join(source_dir, f"video{number}.{transcript.split('.')[-1]}")
-        storage.write_bytes(transcript_uri, TRANSCRIPTS[transcript])
-    row = {
-        "video_id": vid,
-        "source_uri": source_uri,
-        "etag": "e",
-        "size": 1,
-        "status": "ok",
-        "num_clips": clips,
-    }
-    append_manifest(
-        output, [{**row, "duration_s": 1.5 * clips, "transcript_uri": transcript_uri, "encoder": "synthetic"}]
-    )
-    return vid
 
 
 def config_for(root: str, tmp_path: Path, *overrides: str):
@@ -169,12 +120,43 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
         read_tokens(output, first["codebook_version"], first["tokenizer_version"])["video_id"].to_pylist()
     )
 
+    # Changed inputs: vids[0]'s transcript is rewritten; vids[1] is re-extracted from a changed
+    # source (new ETag, new features); vids[2]'s re-extract failed (manifest `error`, features
+    # gone). Exactly those are redone or removed; every other token file stays as it was.
+    tokens_dir = first["tokens_dir"]
+    changed = {storage.join(tokens_dir, f"{v}.parquet") for v in vids[:3]}
+    storage.write_bytes(
+        storage.join(source, "video0.vtt"), b"WEBVTT\n\n00:00:03.000 --> 00:00:06.000\nPour the batter in.\n"
+    )
+    write_video(output, source, 1, clips=12, transcript="srt", seed=77, etag="e2")
+    failed = next(r for r in read_manifest(output).to_pylist() if r["video_id"] == vids[2])
+    failed.pop("updated_at")
+    append_manifest(output, [{**failed, "status": "error", "error": "decode: broken"}])
+    storage.delete(Layout(output).features_file(vids[2]))
+    fifth = tokenize.run(config)
+    assert (fifth["videos_tokenized"], fifth["videos_changed"], fifth["videos_removed"]) == (2, 2, 1)
+    now = mtimes(tokens_dir)
+    assert storage.join(tokens_dir, f"{vids[2]}.parquet") not in now
+    assert {f: t for f, t in now.items() if f not in changed} == {
+        f: t for f, t in after.items() if f not in changed
+    }
+    tokens = read_tokens(output, first["codebook_version"], first["tokenizer_version"])
+    keys = list(zip(tokens["video_id"].to_pylist(), tokens["segment_index"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys)) and vids[2] not in {v for v, _ in keys}
+    rows = {v: tokens.filter(pc.equal(tokens.column("video_id"), v)).to_pylist() for v in vids[:2]}
+    assert [r["text"] for r in rows[vids[0]] if r["text"]] == ["Pour the batter in."]
+    assert segment_rows(rows[vids[1]]) == expected_segments(config, vids[1], codebook)
+    assert len(features_of(output, vids[1])) == 12
+    again = tokenize.run(config)  # the recorded inputs now match: nothing to redo
+    assert again["videos_tokenized"] == 0 and again["videos_done_before"] == 5
+    after = mtimes(tokens_dir)
+
     # New codebook version: everything under a new directory; the old one is untouched.
     other = fit_codebook.run(config_for(str(tmp_path), tmp_path, "codebook.refit=true", "codebook.seed=5"))
     assert other["codebook_version"] != fitted["codebook_version"]
     assert latest_codebook(output, k=2, depth=2) == other["codebook_uri"]
     fourth = tokenize.run(config)
-    assert fourth["codebook_version"] == other["codebook_version"] and fourth["videos_tokenized"] == 6
+    assert fourth["codebook_version"] == other["codebook_version"] and fourth["videos_tokenized"] == 5
     assert fourth["tokens_dir"] != first["tokens_dir"] and mtimes(first["tokens_dir"]) == after
     new_tokens = read_tokens(output, fourth["codebook_version"], fourth["tokenizer_version"])
     assert set(new_tokens.column("codebook_version").to_pylist()) == {other["codebook_version"]}
@@ -184,6 +166,25 @@ def features_of(output: str, vid: str) -> np.ndarray:
     from videobert.token_shards import features_array
 
     return features_array(storage.read_parquet(Layout(output).features_file(vid)))
+
+
+def expected_segments(config, vid: str, codebook: HierarchicalCodebook) -> list[tuple]:
+    """A video's segments recomputed from its committed features and current transcript."""
+    from videobert.align import align_segments
+    from videobert.token_shards import load_sentences
+
+    row = next(r for r in read_manifest(config.output).to_pylist() if r["video_id"] == vid)
+    table = storage.read_parquet(Layout(config.output).features_file(vid)).sort_by("clip_index")
+    clips = list(zip(*(table[c].to_pylist() for c in ("clip_index", "start_s", "end_s")), strict=True))
+    words = codebook.assign(features_of(config.output, vid)).tolist()
+    uri = row["transcript_uri"]
+    sentences = load_sentences(uri, config.s3, config.tokenize.sentence_gap_s) if uri else None
+    segments = align_segments(vid, clips, words, sentences, config.tokenize.segment_tokens)
+    return [(s.segment_index, s.start_s, s.end_s, s.text, s.video_tokens) for s in segments]
+
+
+def segment_rows(rows: list[dict]) -> list[tuple]:
+    return [(r["segment_index"], r["start_s"], r["end_s"], r["text"], r["video_tokens"]) for r in rows]
 
 
 def test_stages_round_trip_through_s3(ray_cluster, s3_bucket, tmp_path):
@@ -208,14 +209,27 @@ def test_tokenize_without_codebook_fails_clearly(tmp_path):
     assert tokenize.main(["--set", f"output={config.output}"]) == 3
 
 
-def test_extract_then_fit_codebook_then_tokenize(ray_cluster, tmp_path):
-    """Generated videos with a VTT sidecar -> extract -> fit-codebook -> tokenize."""
+@dataclass
+class Extracted:
+    """The module's generated-video corpus after its first extract -> fit-codebook -> tokenize."""
+
+    config: ExperimentConfig
+    source: Path
+    fitted: dict
+    summary: dict
+    manifest: pa.Table  # snapshots taken right after the first tokenize
+    tokens: pa.Table
+
+
+@pytest.fixture(scope="module")
+def extracted(ray_cluster, tmp_path_factory) -> Extracted:
+    """Generated videos with a VTT sidecar -> extract -> fit-codebook -> tokenize, once per module."""
     import yaml
-    from PIL import Image
 
     from pipelines import extract
     from tests import videos
 
+    tmp_path = tmp_path_factory.mktemp("extracted")
     source = tmp_path / "videos"
     for i, shape in enumerate(["circle", "square"]):
         videos.make_object_video(
@@ -240,15 +254,24 @@ def test_extract_then_fit_codebook_then_tokenize(ray_cluster, tmp_path):
     config = load_config(config_file)
     extract.run(config)
     fitted = fit_codebook.run(config)
+    summary = tokenize.run(config)
+    tokens = read_tokens(config.output, summary["codebook_version"], summary["tokenizer_version"])
+    return Extracted(config, source, fitted, summary, read_manifest(config.output), tokens)
+
+
+def test_extract_then_fit_codebook_then_tokenize(extracted):
+    """Generated videos with a VTT sidecar -> extract -> fit-codebook -> tokenize."""
+    from PIL import Image
+
+    summary, manifest, tokens = extracted.summary, extracted.manifest, extracted.tokens
     # The gallery shows real decoded frames: not only the grey "unreadable" tiles.
-    gallery = np.asarray(Image.open(storage.join(fitted["codebook_uri"], "gallery.png")).convert("RGB"))
+    gallery = np.asarray(
+        Image.open(storage.join(extracted.fitted["codebook_uri"], "gallery.png")).convert("RGB")
+    )
     assert gallery.shape[0] == 2 * 96 and len(np.unique(gallery.reshape(-1, 3), axis=0)) > 10
 
-    summary = tokenize.run(config)
-    manifest = read_manifest(config.output)
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
     assert ok.num_rows == 2 and summary["videos_tokenized"] == 2 and summary["transcript_errors"] == 0
-    tokens = read_tokens(config.output, summary["codebook_version"], summary["tokenizer_version"])
     assert set(tokens.column("video_id").to_pylist()) == set(ok.column("video_id").to_pylist())
     assert sorted(t for t in tokens.column("text").to_pylist() if t) == ["A circle moves.", "It slides on."]
     # Every clip of every video lands in at least one segment.
@@ -257,35 +280,66 @@ def test_extract_then_fit_codebook_then_tokenize(ray_cluster, tmp_path):
         assert sum(len(v) for v in rows.column("video_tokens").to_pylist()) >= row["num_clips"]
 
 
-def test_fit_codebook_by_ray_job_submit(ray_cluster, tmp_path):
-    """`ray job submit ... python -m pipelines.fit_codebook` against the shared cluster."""
+def test_changed_source_video_is_extracted_and_tokenized_again(extracted):
+    """A source video rewritten with other content (and its transcript): extract + tokenize redo
+    that video only; its rows are replaced, not duplicated; the other video's files stay."""
+    from pipelines import extract
+    from tests import videos
+
+    config = extracted.config
+    layout = Layout(config.output)
+    tokens_dir = extracted.summary["tokens_dir"]
+    ids = {Path(r["source_uri"]).stem: r["video_id"] for r in read_manifest(config.output).to_pylist()}
+    features_before, tokens_before = mtimes(layout.features), mtimes(tokens_dir)
+    videos.make_object_video(
+        extracted.source / "v0.mp4", seed=90, num_frames=48, height=64, width=64, shape="triangle"
+    )
+    (extracted.source / "v0.vtt").write_bytes(
+        b"WEBVTT\n\n00:00:03.000 --> 00:00:05.000\nA triangle turns. It stops.\n"
+    )
+    assert extract.run(config).ok == 1  # the changed video only
+    summary = tokenize.run(config)
+    assert (summary["videos_tokenized"], summary["videos_changed"], summary["videos_done_before"]) == (
+        1,
+        1,
+        1,
+    )
+
+    kept = {f for f in features_before if ids["v1"] in f}
+    assert {f: mtimes(layout.features)[f] for f in kept} == {f: features_before[f] for f in kept}
+    v1_tokens = storage.join(tokens_dir, f"{ids['v1']}.parquet")
+    assert mtimes(tokens_dir)[v1_tokens] == tokens_before[v1_tokens]
+    tokens = read_tokens(config.output, summary["codebook_version"], summary["tokenizer_version"])
+    keys = list(zip(tokens["video_id"].to_pylist(), tokens["segment_index"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys))
+    rows = tokens.filter(pc.equal(tokens.column("video_id"), ids["v0"])).to_pylist()
+    assert [r["text"] for r in rows if r["text"]] == ["A triangle turns.", "It stops."]
+    codebook = HierarchicalCodebook.load(extracted.fitted["codebook_uri"])
+    assert segment_rows(rows) == expected_segments(config, ids["v0"], codebook)
+    assert len(features_of(config.output, ids["v0"])) == 6  # 48 frames at 8 fps, 8-frame clips
+    assert tokenize.run(config)["videos_tokenized"] == 0
+
+
+def test_fit_codebook_and_tokenize_by_ray_job_submit(ray_cluster, tmp_path):
+    """`ray job submit ... python -m pipelines.fit_codebook && ... tokenize` on the shared cluster."""
     import yaml
 
-    from tests.conftest import ray_bin
-    from tests.test_job_submit_extract import UPLOAD_EXCLUDES
-
     config = config_for(str(tmp_path), tmp_path)
-    for i in range(2):
-        write_video(config.output, config.source, i, transcript="vtt" if i == 0 else None)
+    written = {
+        write_video(config.output, config.source, i, transcript="vtt" if i == 0 else None) for i in range(2)
+    }
     config_file = tmp_path / "experiment.yaml"
     config_file.write_text(yaml.safe_dump(config.to_dict()))
-    command = [
-        ray_bin(), "job", "submit", "--address", ray_cluster.dashboard_url, "--working-dir", str(REPO),
-        "--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--",
-        sys.executable, "-m", "pipelines.fit_codebook", "--config", str(config_file),
-    ]  # fmt: skip
-    deadline = time.monotonic() + 45
-    while True:
-        result = subprocess.run(
-            command, cwd=REPO, env=ray_cluster.env, capture_output=True, text=True, timeout=300
-        )
-        # A loaded machine may not have the node's dashboard agent up yet: Ray says to retry.
-        if "No available agent to submit job" not in result.stderr:
-            break
-        if time.monotonic() > deadline:
-            pytest.skip("the cluster's dashboard agent never accepted the job (Ray: 'No available agent')")
-        time.sleep(5)
+    stages = " && ".join(
+        f"{sys.executable} -m pipelines.{stage} --config {config_file}"
+        for stage in ("fit_codebook", "tokenize")
+    )
+    result = ray_cluster.submit(["bash", "-c", stages])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     codebook_uri = latest_codebook(config.output, k=2, depth=2)
     assert codebook_uri is not None and storage.exists(storage.join(codebook_uri, "gallery.png"))
-    assert HierarchicalCodebook.load(codebook_uri).metadata["sample_size"] == 20
+    codebook = HierarchicalCodebook.load(codebook_uri)
+    assert codebook.metadata["sample_size"] == 20
+    (tokenizer,) = list_tokenizers(config.output)
+    tokens = read_tokens(config.output, codebook.version, tokenizer["version"])
+    assert set(tokens.column("video_id").to_pylist()) == written

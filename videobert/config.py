@@ -209,7 +209,11 @@ class TrainConfig:
     max_failures: int = 2
     """Worker failures tolerated before the run fails."""
     resume_from_champion: bool = False
-    """Start from the registered champion's weights instead of from scratch."""
+    """Start a new run from the registered champion's weights instead of from scratch (when
+    there is a champion). Text rows follow their tokens; visual rows need the same codebook."""
+    cache_shard_rows: int = 100_000
+    """A worker whose token shard has at most this many rows keeps it in memory after the first
+    epoch instead of streaming it again (0: always stream)."""
 
     def __post_init__(self) -> None:
         if self.zero_stage not in (0, 1, 2, 3):
@@ -249,6 +253,38 @@ class EvaluateConfig:
 
 
 @dataclass
+class EmbedConfig:
+    """Batch inference (`videobert embed`): videos -> embeddings with a registered model.
+
+    Decode and feature extraction reuse the `decode`, `encoder` and `extract` sections.
+    """
+
+    model_uri: str = "models:/videobert@champion"
+    """Registered model: models:/<name>@<alias> or models:/<name>/<version> (resolved to a version first)."""
+    output: str = ""
+    """Root of the embeddings (s3:// or local); empty: `<output>/embeddings`. One folder per model version."""
+    batch_size: int = 16
+    """Videos per batch in an embedding actor (their chunks run as one padded forward pass)."""
+    actors: int | None = None
+    """Embedding actors (None: one per GPU, else one)."""
+    reuse_features: bool = True
+    """Use extract's committed features of a video (same ETag and encoder) instead of decoding it again."""
+    retry_errors: bool = False
+    """Retry videos that failed before although their file did not change (a changed file is always retried)."""
+
+    def __post_init__(self) -> None:
+        if not self.model_uri.startswith("models:/"):
+            raise ConfigError(
+                f"embed.model_uri must look like models:/<name>@<alias> or models:/<name>/<version>, "
+                f"got {self.model_uri!r}"
+            )
+        if self.batch_size < 1:
+            raise ConfigError("embed.batch_size must be >= 1")
+        if self.actors is not None and self.actors < 1:
+            raise ConfigError("embed.actors must be >= 1 (or null: one per GPU)")
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: where data comes from and goes, and every stage's settings."""
 
@@ -269,6 +305,7 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
     def __post_init__(self) -> None:
         if not self.source:

@@ -135,11 +135,14 @@ def retrieval_ranks(scores: Any, targets: Any | None = None) -> np.ndarray:
 def retrieval_metrics(
     scores: Any, targets: Any | None = None, ks: Sequence[int] = (1, 5, 10)
 ) -> dict[str, float]:
-    """Recall@k for each k and the median rank, e.g. {"r@1": .., "r@5": .., "r@10": .., "median_rank": ..}."""
+    """Recall@k for each k and the median rank: {"recall_at_1": .., ..., "median_rank": ..}.
+
+    Named `recall_at_k`, not `r@k`: MLflow metric names cannot hold "@".
+    """
     scores = to_numpy(scores)
     targets = np.arange(scores.shape[0]) if targets is None else targets
     above, tied, _ = _target_scores(scores, targets)
-    metrics = {f"r@{k}": float((np.clip(k - above, 0, tied) / tied).mean()) for k in ks}
+    metrics = {f"recall_at_{k}": float((np.clip(k - above, 0, tied) / tied).mean()) for k in ks}
     metrics["median_rank"] = float(np.median(above + (tied + 1) / 2.0))
     return metrics
 

@@ -99,6 +99,30 @@ def segments_from_columns(columns: Mapping[str, Sequence[Any]]) -> list[Segment]
     ]
 
 
+def build_sequence(
+    vocab: JointVocab, regime: int, text: np.ndarray, video: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Unmasked joint ids and token types of one regime's input, cut to `max_len` tokens.
+
+    TEXT: `[CLS] text [SEP]`; VIDEO: `[CLS] video [SEP]`; JOINT: `[CLS] text [>] video [SEP]`.
+    `text` holds tokenizer ids and `video` codebook ids; both come back as joint ids (int64).
+    """
+    budget = max_len - (3 if regime == JOINT else 2)
+    if regime == JOINT:
+        # Keep both modalities: text gets at most half unless the video is shorter.
+        text_len = min(len(text), max(budget // 2, budget - len(video)))
+        text, video = text[:text_len], video[: budget - text_len]
+        ids = np.concatenate([[CLS], vocab.text_ids(text), [VIDEO_SEP], vocab.video_ids(video), [SEP]])
+        types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)])
+    elif regime == TEXT:
+        ids = np.concatenate([[CLS], vocab.text_ids(text[:budget]), [SEP]])
+        types = np.full(len(ids), TEXT_TYPE)
+    else:
+        ids = np.concatenate([[CLS], vocab.video_ids(video[:budget]), [SEP]])
+        types = np.full(len(ids), VIDEO_TYPE)
+    return ids.astype(np.int64), types.astype(np.int64)
+
+
 class ExampleBuilder:
     """Builds masked, packed training batches from batches of token rows."""
 
@@ -155,25 +179,10 @@ class ExampleBuilder:
         rate: int,
         rng: np.random.Generator,
     ) -> Example:
-        budget = self.config.max_len - (3 if regime == JOINT else 2)
-        if regime == JOINT:
-            # Keep both modalities: text gets at most half unless the video is shorter.
-            text_len = min(len(text), max(budget // 2, budget - len(video)))
-            text, video = text[:text_len], video[: budget - text_len]
-            ids = np.concatenate(
-                [[CLS], self.vocab.text_ids(text), [VIDEO_SEP], self.vocab.video_ids(video), [SEP]]
-            )
-            types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)])
-        elif regime == TEXT:
-            ids = np.concatenate([[CLS], self.vocab.text_ids(text[:budget]), [SEP]])
-            types = np.full(len(ids), TEXT_TYPE)
-        else:
-            ids = np.concatenate([[CLS], self.vocab.video_ids(video[:budget]), [SEP]])
-            types = np.full(len(ids), VIDEO_TYPE)
-        ids = ids.astype(np.int64)
+        ids, types = build_sequence(self.vocab, regime, text, video, self.config.max_len)
         maskable = ids >= self.vocab.text_offset
         masked, labels = self._mask(ids, maskable, rng)
-        return Example(masked, types.astype(np.int64), labels, regime, aligned, rate)
+        return Example(masked, types, labels, regime, aligned, rate)
 
     # -- a batch ---------------------------------------------------------------------------
 

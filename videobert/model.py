@@ -444,6 +444,57 @@ def init_from_bert(model: VideoBert, path_or_hf_name: str, vocab: JointVocab | N
                     embeddings[joint_id] = word[index[token]]
 
 
+VOCAB_ROWS = ("embeddings.word_embeddings.weight", "mlm_head.decoder.bias")
+
+
+def init_from_videobert(
+    model: VideoBert,
+    vocab: JointVocab,
+    source: VideoBert,
+    source_vocab: JointVocab,
+    same_codebook: bool,
+) -> dict[str, int]:
+    """Continue from an earlier VideoBERT (e.g. the champion) whose vocabulary may differ.
+
+    Everything but the vocabulary-sized rows is copied as is (same size required). Vocabulary
+    rows move by meaning: specials by id, text tokens by their string, visual words by id only
+    when both models use the same codebook (another codebook's word 7 is another cluster).
+    Rows without a counterpart keep their fresh initialisation. Returns the rows copied.
+    """
+    if (source.config.hidden, source.config.layers) != (model.config.hidden, model.config.layers):
+        raise ValueError(
+            f"cannot continue from a {source.config.layers}x{source.config.hidden} model "
+            f"into a {model.config.layers}x{model.config.hidden} one (model.size differs)"
+        )
+    source_index = {token: i for i, token in enumerate(source_vocab.text_vocab)}
+    rows = [(i, i) for i in range(len(SPECIAL_TOKENS))]
+    rows += [
+        (vocab.text_offset + i, source_vocab.text_offset + source_index[token])
+        for i, token in enumerate(vocab.text_vocab)
+        if token in source_index
+    ]
+    copied = {"text_rows": len(rows) - len(SPECIAL_TOKENS), "visual_rows": 0}
+    if same_codebook and source_vocab.num_visual == vocab.num_visual:
+        rows += [(vocab.video_offset + i, source_vocab.video_offset + i) for i in range(vocab.num_visual)]
+        copied["visual_rows"] = vocab.num_visual
+    target_rows, source_rows = (torch.tensor(side) for side in zip(*rows, strict=True))
+
+    source_state = source.state_dict()
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if name == TIED_KEY:
+                continue
+            value = source_state[name]
+            if name in VOCAB_ROWS:
+                tensor[target_rows] = value[source_rows].to(tensor.dtype)
+            elif name == "embeddings.position_embeddings.weight":
+                n = min(tensor.shape[0], value.shape[0])
+                tensor[:n] = value[:n]
+            else:
+                tensor.copy_(value)
+    return copied
+
+
 def export_hf(model: VideoBert, vocab: JointVocab, out_dir: str | os.PathLike[str]) -> None:
     """Write a `BertForMaskedLM` directory (config, safetensors weights, vocab.txt)."""
     import transformers

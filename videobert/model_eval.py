@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from videobert import evaluation
-from videobert.examples import IGNORE, JOINT, Example, ExampleBuilder, ExampleConfig, pack
+from videobert.examples import IGNORE, JOINT, Example, ExampleBuilder, ExampleConfig, build_sequence, pack
 from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab, VideoBert
 from videobert.training import forward, to_device
 
@@ -39,17 +39,9 @@ def joint_example(
     vocab: JointVocab, text_ids: Sequence[int], video_tokens: Sequence[int], max_len: int
 ) -> Example:
     """Unmasked `[CLS] text [>] video [SEP]` (text keeps at most half when both are long)."""
-    budget = max_len - 3
     text = np.asarray(text_ids, np.int64)
     video = np.asarray(video_tokens, np.int64)
-    text = text[: min(len(text), max(budget // 2, budget - len(video)))]
-    video = video[: budget - len(text)]
-    ids = np.concatenate([[CLS], vocab.text_ids(text), [VIDEO_SEP], vocab.video_ids(video), [SEP]]).astype(
-        np.int64
-    )
-    types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)]).astype(
-        np.int64
-    )
+    ids, types = build_sequence(vocab, JOINT, text, video, max_len)
     return Example(ids, types, np.full(len(ids), IGNORE, np.int64), JOINT, 1, 1)
 
 

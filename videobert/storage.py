@@ -193,11 +193,37 @@ def list_objects(
         for path in root.rglob("*"):
             if path.is_file() and keep(path.name):
                 stat = path.stat()
-                # Local files have no ETag; size + mtime changes whenever the content is rewritten.
-                found.append(
-                    ObjectInfo(str(path.resolve()), stat.st_size, f"{stat.st_size}-{stat.st_mtime_ns}")
-                )
+                found.append(ObjectInfo(str(path.resolve()), stat.st_size, _local_etag(stat)))
     return sorted(found, key=lambda o: o.uri)
+
+
+def _local_etag(stat: os.stat_result) -> str:
+    # Local files have no ETag; size + mtime changes whenever the content is rewritten.
+    return f"{stat.st_size}-{stat.st_mtime_ns}"
+
+
+def object_info(uri: str, s3: S3Config | None = None) -> ObjectInfo | None:
+    """One object's size and ETag, as `list_objects` reports them; None when it does not exist."""
+    if not is_s3(uri):
+        path = Path(uri)
+        if not path.is_file():
+            return None
+        stat = path.stat()
+        return ObjectInfo(str(path.resolve()), stat.st_size, _local_etag(stat))
+    bucket, key = _split_s3(uri)
+    client = boto_client(s3)
+
+    def head() -> ObjectInfo | None:
+        try:
+            item = client.head_object(Bucket=bucket, Key=key)
+        except Exception as error:  # botocore ClientError: a missing key is an answer, not a failure
+            code = getattr(error, "response", {}).get("Error", {}).get("Code", "")
+            if code in ("404", "NoSuchKey", "NotFound"):
+                return None
+            raise
+        return ObjectInfo(uri, int(item["ContentLength"]), item["ETag"].strip('"'))
+
+    return with_retries(f"stat {uri}", head)
 
 
 def open_input(uri: str, s3: S3Config | None = None) -> Any:

@@ -40,6 +40,46 @@ def load_sentences(transcript_uri: str, s3: S3Config | None = None, max_gap_s: f
     return to_sentences(parse_transcript(data, name), max_gap_s=max_gap_s)
 
 
+# What a video's token file is made from, as recorded in the tokens manifest: the features
+# (source ETag, encoder and the extract run that wrote them) and the transcript's ETag.
+INPUT_COLUMNS = ("etag", "encoder", "extract_run_id", "transcript_uri", "transcript_etag")
+
+
+def token_inputs(video: dict[str, Any], transcript_etag: str | None) -> dict[str, Any]:
+    """The tokens-manifest inputs of one `videos/` manifest row (see INPUT_COLUMNS)."""
+    return {
+        "etag": video.get("etag"),
+        "encoder": video.get("encoder"),
+        "extract_run_id": video.get("run_id"),
+        "transcript_uri": video.get("transcript_uri") or None,
+        "transcript_etag": transcript_etag if video.get("transcript_uri") else None,
+    }
+
+
+def inputs_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Comparable form of a row's INPUT_COLUMNS (a manifest row or `token_inputs` output)."""
+    return tuple(row.get(name) for name in INPUT_COLUMNS)
+
+
+def transcript_etags(uris: list[str], source: str, s3: S3Config | None = None) -> dict[str, str | None]:
+    """Current ETag of each transcript URI; None when it is gone.
+
+    One listing of `source` (where extract found the sidecars) answers most of them; any it
+    does not cover is looked up on its own.
+    """
+    wanted = set(uris)
+    found: dict[str, str | None] = {}
+    if wanted:
+        try:
+            found = {o.uri: o.etag for o in storage.list_objects(source, s3) if o.uri in wanted}
+        except storage.StorageError:
+            found = {}  # source unreachable: fall back to one lookup per transcript
+    for uri in sorted(wanted - set(found)):
+        info = storage.object_info(uri, s3)
+        found[uri] = info.etag if info else None
+    return found
+
+
 def features_array(table: pa.Table) -> np.ndarray:
     """The `feature` column as an (N, dim) float16 array."""
     column = table.column("feature").combine_chunks()

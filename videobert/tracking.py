@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,14 @@ import pandas as pd
 import torch
 
 import videobert
-from videobert.config import ExperimentConfig, config_to_yaml, flat_params
+from videobert.config import ConfigError, ExperimentConfig, config_to_yaml, flat_params
 from videobert.model import (
     MASK,
     VIDEO_SEP,
     VIDEO_TYPE,
     JointVocab,
     VideoBert,
+    VideoBertConfig,
     load_pretrained,
     save_pretrained,
 )
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "videobert.train_run"  # the Ray Train run name: a rerun continues the same MLflow run
 CANDIDATE_ALIAS = "candidate"
+MODEL_FILES_DIR = "videobert"  # our plain files' folder among the logged pyfunc's artifacts
 LOSS_CURVE_KEYS = ("loss", "mlm_loss_text", "mlm_loss_video", "mlm_loss_joint", "align_loss")
 
 
@@ -245,7 +248,7 @@ def log_and_register_model(
     example = input_example(vocab)
     signature = infer_signature(example, predict_frame(model, vocab, example))
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / "videobert"
+        model_dir = Path(tmp) / MODEL_FILES_DIR
         save_pretrained(model, vocab, model_dir)
         (model_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
         (model_dir / "experiment.yaml").write_text(config_to_yaml(config))
@@ -277,3 +280,75 @@ def load_registered_model(model_uri: str) -> tuple[VideoBert, JointVocab, dict[s
 
     python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     return python_model.model, python_model.vocab, python_model.metadata
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered model version (an alias resolved), with its shape, read without its weights."""
+
+    name: str
+    version: str
+    requested: str
+    """The URI asked for, e.g. models:/videobert@champion."""
+    metadata: dict[str, Any]
+    """metadata.json: codebook_uri / codebook_version, tokenizer, max_seq_len, ..."""
+    config: VideoBertConfig
+    num_visual: int
+    """Visual words in the model's vocabulary (must equal its codebook's size)."""
+
+    @property
+    def uri(self) -> str:
+        """The pinned URI: the same weights however the alias moves later."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/<name>@<alias>` -> (name, alias, None); `models:/<name>/<version>` -> (name, None, version)."""
+    rest = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
+    name, at, alias = rest.partition("@")
+    if at and name and alias and "/" not in alias:
+        return name, alias, None
+    name, slash, version = rest.rpartition("/")
+    if not at and slash and name and version.isdigit():
+        return name, None, version
+    raise ConfigError(
+        f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
+    )
+
+
+def resolve_model_version(model_uri: str) -> ModelVersionInfo:
+    """Resolve an alias or version in the current registry and read the version's small files.
+
+    Raises ConfigError (naming the URI) when the model, alias or version does not exist.
+    """
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    name, alias, version = parse_model_uri(model_uri)
+    client = mlflow.MlflowClient()
+    try:
+        if alias is not None:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        else:
+            client.get_model_version(name, str(version))
+    except MlflowException as error:
+        raise ConfigError(
+            f"{model_uri}: no such registered model version in {mlflow.get_registry_uri()} ({error.message}); "
+            "run `videobert pretrain` (and `videobert promote` for @champion) or pick a version with "
+            "--set embed.model_uri=models:/<name>/<version>"
+        ) from error
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in ("metadata.json", "config.json", "vocab.json"):
+            path = download_artifacts(
+                artifact_uri=f"models:/{name}/{version}/artifacts/{MODEL_FILES_DIR}/{file}", dst_path=tmp
+            )
+            files[file] = json.loads(Path(path).read_text())
+    return ModelVersionInfo(
+        name=name,
+        version=str(version),
+        requested=model_uri,
+        metadata=files["metadata.json"],
+        config=VideoBertConfig(**files["config.json"]),
+        num_visual=int(files["vocab.json"]["num_visual"]),
+    )

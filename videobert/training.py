@@ -134,7 +134,12 @@ def pretraining_loss(
         for is_video, name in ((False, "text"), (True, "video")):
             selected = batch["mlm_is_video"] == is_video
             parts[f"mlm_acc_{name}"] = torch.stack([correct[selected].sum(), selected.sum().float()])
-    if "alignment_logits" in outputs and batch["cls_positions"].numel():
+    if "alignment_logits" in outputs and not batch["align_labels"].numel():
+        # No text+video pair in this micro-batch: keep the alignment head in the graph with a
+        # zero loss, so every rank hands DeepSpeed a gradient for every parameter. Otherwise the
+        # ranks' ZeRO gradient buckets differ in size and the collective fails (gloo aborts).
+        loss = loss + 0.0 * outputs["alignment_logits"].float().sum()
+    elif "alignment_logits" in outputs:
         align_logits = outputs["alignment_logits"].float()
         align_loss = F.binary_cross_entropy_with_logits(align_logits, batch["align_labels"])
         loss = loss + align_loss
@@ -171,6 +176,8 @@ def train_step(engine: Any, micro_batches: list[dict[str, np.ndarray]]) -> StepR
     tokens = 0
     for micro in micro_batches:
         batch = to_device(micro, engine.device)
+        if not batch["cls_positions"].numel():  # see pretraining_loss: a stand-in [CLS] at 0
+            batch["cls_positions"] = torch.zeros(1, dtype=torch.long, device=engine.device)
         outputs = forward(engine, batch)
         loss, parts = pretraining_loss(outputs, batch)
         engine.backward(loss)
