@@ -26,6 +26,29 @@ def rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def model_state_mib(engine: object) -> float:
+    """Bytes this rank holds in parameters, optimizer states and fp32 master partitions.
+
+    What ZeRO partitions, counted from the tensors themselves: a CPU process's peak RSS also
+    holds allocator caches and transient buffers that hide the difference.
+    """
+    seen: dict[int, int] = {}
+
+    def add(tensor: object) -> None:
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            seen[tensor.data_ptr()] = tensor.numel() * tensor.element_size()
+
+    for param in engine.module.parameters():
+        add(getattr(param, "ds_tensor", param.data))  # ZeRO-3 keeps only its partition
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            add(param.data)
+            for value in optimizer.state.get(param, {}).values():
+                add(value)
+    return sum(seen.values()) / 2**20
+
+
 def worker(rank: int, stage: int, args: argparse.Namespace, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
     os.environ.update(LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
@@ -57,6 +80,7 @@ def worker(rank: int, stage: int, args: argparse.Namespace, port: int, results: 
         training.train_step(engine, [builder.batch(columns, rng)])
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else rss_mib() - baseline
     results[(stage, rank)] = peak
+    results[(stage, rank, "state")] = model_state_mib(engine)
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 

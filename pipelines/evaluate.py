@@ -60,6 +60,14 @@ def read_labels(uri: str, config: ExperimentConfig) -> pa.Table:
     return table
 
 
+def label_classes(config: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """Every verb and object of the labelled set: the zero-shot candidates."""
+    if not config.evaluate.labels:
+        return [], []
+    labels = read_labels(config.evaluate.labels, config)
+    return sorted(set(map(str, labels["verb"].to_pylist()))), sorted(set(map(str, labels["object"].to_pylist())))
+
+
 def zero_shot_items(config: ExperimentConfig, tokens: pa.Table, video_ids: set[str]) -> list[ZeroShotItem]:
     """Labelled videos among `video_ids`, each with all its visual words in segment order."""
     if not config.evaluate.labels:
@@ -112,7 +120,8 @@ def evaluate_model(
     metrics |= retrieval
     tokenizer = TextTokenizer.load(Layout(config.output).tokenizer(meta["tokenizer_version"]), config.s3)
     items = zero_shot_items(config, holdout, set(rows.columns["video_id"]))
-    zs_metrics, zs_details = zero_shot(model, vocab, tokenizer.encode, items, max_len)
+    verbs, objects = label_classes(config)
+    zs_metrics, zs_details = zero_shot(model, vocab, tokenizer.encode, items, max_len, verbs, objects)
     metrics |= zs_metrics
 
     plots_dir = Path(tempfile.mkdtemp(prefix="videobert-eval-"))

@@ -2,7 +2,8 @@
 
 On the demo corpus with random S3D weights, the trained debug model's zero-shot object
 accuracy on held-out videos must beat chance at least 3x and beat the same model untrained.
-A second `run` over unchanged inputs does no work beyond checks.
+(That a second `run` does no work, and that `run` survives kills, is tested on a smaller
+corpus in tests/test_run_faults.py, which CI runs.)
 """
 
 from __future__ import annotations
@@ -14,21 +15,23 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines import run as run_stage
-from pipelines.evaluate import zero_shot_items
+from pipelines.evaluate import label_classes, zero_shot_items
 from videobert.config import load_config
 from videobert.demo_corpus import generate_corpus
 from videobert.mlflow_utils import tracking_uri
 from videobert.model import build_model
 from videobert.model_eval import in_holdout, zero_shot
 from videobert.promotion import CHAMPION, alias_version
-from videobert.tables import Layout, read_manifest
+from videobert.tables import Layout
 from videobert.text_tokenizer import TextTokenizer
 from videobert.token_shards import read_tokens
 from videobert.tracking import load_registered_model
 
 REPO = Path(__file__).resolve().parent.parent
 
-# Not yet verified to finish inside CI's budget on 2 cores: run with `./scripts/test.sh -m slow`.
+# Opt-in (`./scripts/test.sh -m slow`): on this corpus the debug model learns the object words
+# only after a few thousand steps, and when it does is seed-dependent (see the session note);
+# the learning bar is not yet met reliably inside CI's budget.
 pytestmark = pytest.mark.slow
 
 
@@ -69,23 +72,10 @@ def test_run_trains_a_champion_that_learned_objects(demo_run):
     items = zero_shot_items(config, tokens, held)
     tokenizer = TextTokenizer.load(Layout(config.output).tokenizer(info["tokenizer_version"]))
     untrained = build_model(config.model.size, vocab, config.model.max_seq_len, seed=123).eval()
-    baseline, _ = zero_shot(untrained, vocab, tokenizer.encode, items, config.model.max_seq_len)
-    again, _ = zero_shot(model.eval(), vocab, tokenizer.encode, items, config.model.max_seq_len)
+    classes = label_classes(config)
+    baseline, _ = zero_shot(untrained, vocab, tokenizer.encode, items, config.model.max_seq_len, *classes)
+    again, _ = zero_shot(model.eval(), vocab, tokenizer.encode, items, config.model.max_seq_len, *classes)
 
     assert again["zero_shot_object_top1"] == pytest.approx(trained, abs=1e-6)
     assert trained >= 3 * chance, f"zero-shot object accuracy {trained:.2f} < 3x chance {chance:.2f}"
     assert trained > baseline["zero_shot_object_top1"]
-
-
-def test_second_run_does_no_work(demo_run, ray_cluster):
-    root, overrides, first = demo_run
-    config = load_config(REPO / "configs/demo.yaml", overrides)
-    manifest_before = read_manifest(config.output)
-    second = run_stage.run(config)
-    assert second["extract"].skipped == second["extract"].listed
-    assert second["fit-codebook"]["reused"]
-    assert second["tokenize"]["videos_tokenized"] == 0
-    assert second["pretrain"] == {"skipped": True, "version": second["pretrain"]["version"]}
-    assert second["evaluate"]["skipped"]
-    assert second["promote"].promoted and second["promote"].reason == "already champion"
-    assert read_manifest(config.output).num_rows == manifest_before.num_rows

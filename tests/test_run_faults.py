@@ -38,7 +38,7 @@ from videobert.config import load_config
 from videobert.demo_corpus import DemoSpec, generate_corpus
 from videobert.mlflow_utils import setup_experiment, tracking_uri
 from videobert.promotion import CANDIDATE, CHAMPION, alias_version
-from videobert.tables import Layout
+from videobert.tables import Layout, read_manifest
 from videobert.text_tokenizer import list_tokenizers
 from videobert.token_shards import read_tokens
 
@@ -237,3 +237,17 @@ def sorted_tokens(output: str) -> pa.Table:
 def pretrain_runs(config_file: Path) -> list[object]:
     experiment_id = setup_experiment(load_config(config_file))
     return MlflowClient().search_runs([experiment_id], "tags.stage = 'pretrain'")
+
+
+def test_second_run_over_unchanged_inputs_does_no_work(ray_cluster, corpus: Path, undisturbed: str) -> None:
+    config = load_config(write_config(corpus, "undisturbed"))
+    manifest_before = read_manifest(config.output)
+    second = run_stage.run(config)
+    assert second["extract"].skipped == second["extract"].listed
+    assert second["fit-codebook"]["reused"]
+    assert second["tokenize"]["videos_tokenized"] == 0
+    assert second["pretrain"] == {"skipped": True, "version": second["pretrain"]["version"]}
+    assert second["evaluate"]["skipped"]
+    assert second["promote"].promoted and second["promote"].reason == "already champion"
+    assert read_manifest(config.output).num_rows == manifest_before.num_rows
+    assert registry_state(write_config(corpus, "undisturbed"))["versions"] == 1

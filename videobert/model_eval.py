@@ -169,16 +169,20 @@ def zero_shot(
     encode_text: Callable[[str], list[int]],
     items: list[ZeroShotItem],
     max_len: int,
+    verbs: list[str] | None = None,
+    objects: list[str] | None = None,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The paper's template against each video; candidates ranked by the masked-token logits.
 
     Each candidate word is scored by the logit of its first WordPiece at its [MASK]: the
-    label set, not the whole vocabulary, is ranked (as a classifier over the labels).
+    label set, not the whole vocabulary, is ranked (as a classifier over the labels). The
+    candidates are `verbs` / `objects` (the whole labelled set's classes; chance is one over
+    their number), by default the classes that occur among `items`.
     """
     if not items:
         return {}, {}
-    verbs = sorted({item.verb for item in items})
-    objects = sorted({item.object for item in items})
+    verbs = sorted(set(verbs or ()) | {item.verb for item in items})
+    objects = sorted(set(objects or ()) | {item.object for item in items})
     verb_ids = np.asarray([vocab.text_ids(encode_text(v)[0]) for v in verbs])
     object_ids = np.asarray([vocab.text_ids(encode_text(o)[0]) for o in objects])
     prefix = vocab.text_ids(np.asarray(encode_text(ZERO_SHOT_PREFIX), np.int64))
