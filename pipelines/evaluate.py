@@ -65,7 +65,9 @@ def label_classes(config: ExperimentConfig) -> tuple[list[str], list[str]]:
     if not config.evaluate.labels:
         return [], []
     labels = read_labels(config.evaluate.labels, config)
-    return sorted(set(map(str, labels["verb"].to_pylist()))), sorted(set(map(str, labels["object"].to_pylist())))
+    return sorted(set(map(str, labels["verb"].to_pylist()))), sorted(
+        set(map(str, labels["object"].to_pylist()))
+    )
 
 
 def zero_shot_items(config: ExperimentConfig, tokens: pa.Table, video_ids: set[str]) -> list[ZeroShotItem]:
