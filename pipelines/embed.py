@@ -134,12 +134,12 @@ class EmbedActor:
     """
 
     def __init__(self, model_uri: str, tracking_uri: str, codebook_uri: str, s3: S3Config) -> None:
-        import mlflow
         import torch
 
+        from videobert.mlflow_utils import use_tracking_uri
         from videobert.tracking import load_registered_model
 
-        mlflow.set_tracking_uri(tracking_uri)  # a fresh worker process: point it at the registry
+        use_tracking_uri(tracking_uri)  # a fresh worker process: point it at the registry
         model, self.vocab, meta = load_registered_model(model_uri)
         self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
         self.max_len = min(
@@ -415,11 +415,10 @@ def embed_items(
 def run(config: ExperimentConfig) -> EmbedSummary:
     """Embed every new or changed video under `source` with `embed.model_uri` (see module doc)."""
     # mlflow and torch are imported here, not at module level, so `--help` answers at once.
-    import mlflow
 
     from videobert.codebook import METADATA_FILE
     from videobert.features import encoder_id, load_weights
-    from videobert.mlflow_utils import tracking_uri
+    from videobert.mlflow_utils import tracking_uri, use_tracking_uri
     from videobert.tracking import resolve_model_version
 
     started = time.perf_counter()
@@ -428,7 +427,7 @@ def run(config: ExperimentConfig) -> EmbedSummary:
         run_id=f"embed-{tables.now_utc().strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}"
     )
     storage.check_reachable(config.source, s3)
-    mlflow.set_tracking_uri(tracking_uri(config))
+    use_tracking_uri(tracking_uri(config))
     model = resolve_model_version(config.embed.model_uri)
     summary.model_uri, summary.requested_uri, summary.model_version = (
         model.uri,

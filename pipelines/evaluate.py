@@ -13,7 +13,7 @@ import io
 import logging
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -93,14 +93,13 @@ def evaluate_model(
     config: ExperimentConfig, model_uri: str
 ) -> tuple[dict[str, float], dict[str, Path], dict]:
     """Load the model, score it on the held-out split; returns metrics, plot files and model info."""
-    import mlflow
     import torch
 
-    from videobert.mlflow_utils import tracking_uri
+    from videobert.mlflow_utils import tracking_uri, use_tracking_uri
     from videobert.text_tokenizer import TextTokenizer
     from videobert.tracking import load_registered_model
 
-    mlflow.set_tracking_uri(tracking_uri(config))  # this may run in a Ray worker process
+    use_tracking_uri(tracking_uri(config))  # this may run in a Ray worker process
     model, vocab, meta = load_registered_model(model_uri)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
@@ -172,7 +171,10 @@ def run(config: ExperimentConfig) -> EvaluationResult:
     init_ray()
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     remote = ray.remote(num_gpus=1 if use_gpu else 0)(evaluate_model)
-    metrics, plots, meta = ray.get(remote.remote(config, pinned_uri))
+    # The worker gets the registry this driver resolved: its own environment (what the cluster
+    # was started with) may name another tracking server.
+    task_config = replace(config, mlflow=replace(config.mlflow, tracking_uri=mlflow.get_tracking_uri()))
+    metrics, plots, meta = ray.get(remote.remote(task_config, pinned_uri))
 
     finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
     with mlflow.start_run(run_name=f"evaluate-{name}-v{version}") as active:

@@ -199,12 +199,11 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def continue_from_registered(model: Any, vocab: Any, loop_config: dict[str, Any], rank: int) -> None:
     """Initialise a fresh run from a registered version (train.resume_from_champion)."""
-    import mlflow
-
+    from videobert.mlflow_utils import use_tracking_uri
     from videobert.model import init_from_videobert
     from videobert.tracking import load_registered_model
 
-    mlflow.set_tracking_uri(loop_config["tracking_uri"])
+    use_tracking_uri(loop_config["tracking_uri"])
     source, source_vocab, meta = load_registered_model(loop_config["init_model_uri"])
     same_codebook = meta.get("codebook_version") == loop_config["codebook_version"]
     copied = init_from_videobert(model, vocab, source, source_vocab, same_codebook)
@@ -237,7 +236,7 @@ def run(config: ExperimentConfig, fault: dict[str, Any] | None = None) -> Pretra
     from ray.train.torch import TorchTrainer
 
     from videobert import training
-    from videobert.mlflow_utils import setup_experiment, tracking_uri
+    from videobert.mlflow_utils import setup_experiment, tracking_uri, use_tracking_uri
     from videobert.model import JointVocab, VideoBert, VideoBertConfig, load_weights
     from videobert.model_eval import in_holdout
     from videobert.tracking import (
@@ -321,7 +320,7 @@ def run(config: ExperimentConfig, fault: dict[str, Any] | None = None) -> Pretra
         "checkpoint": result.checkpoint.path,
         "init_from": init_model_uri or config.model.init_from or "",
     }
-    mlflow.set_tracking_uri(uri)
+    use_tracking_uri(uri)
     log_loss_curve(run_id)
     version = log_and_register_model(run_id, model, vocab, metadata, config, config.mlflow.registered_model)
     mlflow.MlflowClient().set_terminated(run_id, "FINISHED")

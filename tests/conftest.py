@@ -47,6 +47,18 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
+@pytest.fixture(autouse=True)
+def _keep_mlflow_tracking_uri_env() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` (called by tests) also exports MLFLOW_TRACKING_URI, which the
+    pipeline reads as the user's choice: restore it so no test leaks its store into the next."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

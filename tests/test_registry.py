@@ -5,13 +5,15 @@ Through a SQLite store and through the live `mlflow server` fixture (HTTP).
 
 from __future__ import annotations
 
+import os
+
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 
-from videobert.config import ExperimentConfig
+from videobert.config import ExperimentConfig, load_config
 from videobert.model import CLS, MASK, SEP, VIDEO_SEP, JointVocab, build_model
 from videobert.storage import ObjectInfo
 from videobert.tracking import (
@@ -95,3 +97,17 @@ def test_predict_rejects_empty_sequences():
     vocab = JointVocab(4, 4)
     with pytest.raises(ValueError, match="non-empty"):
         predict_frame(build_model("debug", vocab, 16), vocab, pd.DataFrame({"input_ids": [[]]}))
+
+
+def test_a_second_experiment_in_one_process_uses_its_own_store(tmp_path, monkeypatch):
+    """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI; ours must not leak it."""
+    from videobert.mlflow_utils import setup_experiment, tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = load_config(None, [f"output={tmp_path / 'first'}"])
+    second = load_config(None, [f"output={tmp_path / 'second'}"])
+    setup_experiment(first)
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert tracking_uri(second) == f"sqlite:///{tmp_path / 'second' / 'mlflow.db'}"
+    setup_experiment(second)
+    assert mlflow.get_tracking_uri() == tracking_uri(second)

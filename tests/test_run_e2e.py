@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import mlflow
 import pytest
 from mlflow import MlflowClient
 
@@ -18,7 +17,7 @@ from pipelines import run as run_stage
 from pipelines.evaluate import label_classes, zero_shot_items
 from videobert.config import load_config
 from videobert.demo_corpus import generate_corpus
-from videobert.mlflow_utils import tracking_uri
+from videobert.mlflow_utils import tracking_uri, use_tracking_uri
 from videobert.model import build_model
 from videobert.model_eval import in_holdout, zero_shot
 from videobert.promotion import CHAMPION, alias_version
@@ -52,7 +51,7 @@ def demo_run(ray_cluster, tmp_path_factory):
 def test_run_trains_a_champion_that_learned_objects(demo_run):
     root, overrides, first = demo_run
     config = load_config(REPO / "configs/demo.yaml", overrides)
-    mlflow.set_tracking_uri(tracking_uri(config))
+    use_tracking_uri(tracking_uri(config))
     client = MlflowClient()
     name = config.mlflow.registered_model
     champion = alias_version(client, name, CHAMPION)

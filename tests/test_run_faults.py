@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import mlflow
+import numpy as np
 import pyarrow as pa
 import pytest
 import yaml
@@ -33,10 +33,10 @@ from mlflow import MlflowClient
 from pipelines import extract
 from pipelines import run as run_stage
 from tests.test_extract import assert_same_state
-from videobert.codebook import list_codebooks
+from videobert.codebook import HierarchicalCodebook, list_codebooks
 from videobert.config import load_config
 from videobert.demo_corpus import DemoSpec, generate_corpus
-from videobert.mlflow_utils import setup_experiment, tracking_uri
+from videobert.mlflow_utils import setup_experiment, tracking_uri, use_tracking_uri
 from videobert.promotion import CANDIDATE, CHAMPION, alias_version
 from videobert.tables import Layout, read_manifest
 from videobert.text_tokenizer import list_tokenizers
@@ -166,7 +166,7 @@ def logged(log: Path, line: str) -> Callable[[], bool]:
 
 def registry_state(config_file: Path) -> dict[str, object]:
     config = load_config(config_file)
-    mlflow.set_tracking_uri(tracking_uri(config))
+    use_tracking_uri(tracking_uri(config))
     client = MlflowClient()
     name = config.mlflow.registered_model
     versions = client.search_model_versions(f"name = '{name}'")
@@ -180,12 +180,6 @@ def registry_state(config_file: Path) -> dict[str, object]:
     }
 
 
-def data_versions(output: str) -> tuple[list[str], list[str]]:
-    return sorted(m["version"] for m in list_codebooks(output)), sorted(
-        m["version"] for m in list_tokenizers(output)
-    )
-
-
 def test_run_killed_in_every_stage_then_rerun_equals_an_undisturbed_run(
     ray_cluster, corpus: Path, undisturbed: str
 ) -> None:
@@ -195,7 +189,7 @@ def test_run_killed_in_every_stage_then_rerun_equals_an_undisturbed_run(
     log = corpus / "killed.log"
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address}
     kill_points = {
-        "extract": has_files(Path(layout.manifest), "*.parquet"),
+        "extract": has_files(Path(layout.videos), "*.parquet"),
         "tokenize": has_files(Path(layout.tokens_root), "*.parquet"),
         # the snapshot is written once a checkpoint is registered: a resume can start from it
         "pretrain": has_files(Path(layout.train), "checkpoint_manager_snapshot.json"),
@@ -212,8 +206,17 @@ def test_run_killed_in_every_stage_then_rerun_equals_an_undisturbed_run(
     assert len(pretrain_runs(config_file)) == 1
 
     assert_same_state(str(output), undisturbed)
-    assert data_versions(str(output)) == data_versions(undisturbed)
-    ours, theirs = (sorted_tokens(o) for o in (str(output), undisturbed))
+    # S3D features agree up to batch-dependent float noise (see assert_same_state), so the
+    # codebooks are compared by their centroids, not by their content-hash versions.
+    (ours_codebook, ours_tokenizer), (theirs_codebook, theirs_tokenizer) = (
+        latest_versions(o) for o in (str(output), undisturbed)
+    )
+    assert ours_tokenizer == theirs_tokenizer
+    ours_levels = HierarchicalCodebook.load(Layout(str(output)).codebook(ours_codebook)).levels
+    theirs_levels = HierarchicalCodebook.load(Layout(undisturbed).codebook(theirs_codebook)).levels
+    for ours_level, theirs_level in zip(ours_levels, theirs_levels, strict=True):
+        np.testing.assert_allclose(ours_level.numpy(), theirs_level.numpy(), atol=5e-3)
+    ours, theirs = (sorted_tokens(o).drop_columns(["codebook_version"]) for o in (str(output), undisturbed))
     assert ours.equals(theirs)
     reference = registry_state(write_config(corpus, "undisturbed"))
     assert (
@@ -228,9 +231,15 @@ def test_run_killed_in_every_stage_then_rerun_equals_an_undisturbed_run(
     )
 
 
+def latest_versions(output: str) -> tuple[str, str]:
+    (codebook,), (tokenizer,) = (
+        sorted(m["version"] for m in listing(output)) for listing in (list_codebooks, list_tokenizers)
+    )
+    return codebook, tokenizer
+
+
 def sorted_tokens(output: str) -> pa.Table:
-    (codebook,), (tokenizer,) = data_versions(output)
-    tokens = read_tokens(output, codebook, tokenizer)
+    tokens = read_tokens(output, *latest_versions(output))
     return tokens.sort_by([("video_id", "ascending"), ("segment_index", "ascending")])
 
 

@@ -44,11 +44,28 @@ def artifact_location(config: ExperimentConfig) -> str | None:
     return None
 
 
+def use_tracking_uri(uri: str) -> None:
+    """`mlflow.set_tracking_uri` without its side effect on the environment.
+
+    MLflow 3 also exports the URI as MLFLOW_TRACKING_URI, which `tracking_uri()` reads as the
+    user's choice: a second experiment in the same process (or a Ray worker started later)
+    would then land in the first one's store.
+    """
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 def setup_experiment(config: ExperimentConfig) -> str:
     """Point MLflow at this experiment's store and experiment; returns the experiment id."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(config))
+    use_tracking_uri(tracking_uri(config))
     experiment = mlflow.get_experiment_by_name(config.mlflow.experiment)
     if experiment is not None:
         mlflow.set_experiment(experiment_id=experiment.experiment_id)
