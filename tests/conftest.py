@@ -48,15 +48,18 @@ os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 
 @pytest.fixture(autouse=True)
-def _keep_mlflow_tracking_uri_env() -> Iterator[None]:
-    """`mlflow.set_tracking_uri` (called by tests) also exports MLFLOW_TRACKING_URI, which the
-    pipeline reads as the user's choice: restore it so no test leaks its store into the next."""
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+def _keep_mlflow_uri_env() -> Iterator[None]:
+    """`mlflow.set_tracking_uri` / `set_registry_uri` (called by tests) also export
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which the pipeline and MLflow read as the user's
+    choice: restore them so no test leaks its store (e.g. a live server) into the next."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
     yield
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def free_port() -> int:

@@ -106,8 +106,11 @@ def test_a_second_experiment_in_one_process_uses_its_own_store(tmp_path, monkeyp
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first = load_config(None, [f"output={tmp_path / 'first'}"])
     second = load_config(None, [f"output={tmp_path / 'second'}"])
+    monkeypatch.setenv("MLFLOW_REGISTRY_URI", "http://127.0.0.1:9/left-by-another-test")
+    mlflow.set_registry_uri(None)  # what a test that used a live server leaves behind
     setup_experiment(first)
     assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert mlflow.get_registry_uri() == tracking_uri(first)
     assert tracking_uri(second) == f"sqlite:///{tmp_path / 'second' / 'mlflow.db'}"
     setup_experiment(second)
     assert mlflow.get_tracking_uri() == tracking_uri(second)

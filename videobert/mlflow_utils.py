@@ -44,21 +44,28 @@ def artifact_location(config: ExperimentConfig) -> str | None:
     return None
 
 
-def use_tracking_uri(uri: str) -> None:
-    """`mlflow.set_tracking_uri` without its side effect on the environment.
+ENV_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
-    MLflow 3 also exports the URI as MLFLOW_TRACKING_URI, which `tracking_uri()` reads as the
+
+def use_tracking_uri(uri: str) -> None:
+    """Point MLflow's runs and model registry at `uri`, without touching the environment.
+
+    The registry lives in the same store as the runs (the registered model's lineage links
+    to its run). MLflow 3's `set_tracking_uri` / `set_registry_uri` also export the URI as
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which `tracking_uri()` and MLflow read as the
     user's choice: a second experiment in the same process (or a Ray worker started later)
-    would then land in the first one's store.
+    would then land in the first one's store. So the variables are put back as they were.
     """
     import mlflow
 
-    before = os.environ.get("MLFLOW_TRACKING_URI")
+    before = {name: os.environ.get(name) for name in ENV_URIS}
     mlflow.set_tracking_uri(uri)
-    if before is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = before
+    mlflow.set_registry_uri(uri)
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def setup_experiment(config: ExperimentConfig) -> str:
