@@ -29,6 +29,7 @@ from videobert.config import ExperimentConfig, load_config
 from videobert.decode import iter_clips
 from videobert.embedding import embed_videos
 from videobert.features import ClipEncoder, encoder_id
+from videobert.mlflow_utils import use_tracking_uri
 from videobert.model import CLS, SEP, VIDEO_TYPE, JointVocab, VideoBert, build_model
 from videobert.tracking import log_and_register_model, resolve_model_version, start_or_resume_run
 
@@ -201,7 +202,7 @@ def test_embedding_pools_video_tokens_over_chunks() -> None:
 
 
 def test_resolution_and_exit_codes(world: World, capsys: pytest.CaptureFixture) -> None:
-    mlflow.set_tracking_uri(world.config.mlflow.tracking_uri)
+    use_tracking_uri(world.config.mlflow.tracking_uri)
     assert resolve_model_version("models:/videobert/2").uri == "models:/videobert/2"
     candidate = resolve_model_version("models:/videobert@candidate")
     assert (candidate.version, candidate.num_visual, candidate.metadata["max_seq_len"]) == (

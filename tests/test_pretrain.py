@@ -15,6 +15,7 @@ import pytest
 from pipelines import pretrain
 from tests.token_corpus import write_corpus
 from videobert.config import load_config
+from videobert.mlflow_utils import use_tracking_uri
 from videobert.tracking import load_registered_model
 
 COMMON = [
@@ -146,7 +147,7 @@ def test_ray_job_submit_pretrain_on_s3(ray_cluster, s3_bucket, tmp_path):
     env = {**ray_cluster.env, "AWS_ENDPOINT_URL": os.environ["AWS_ENDPOINT_URL"]}
     done = ray_cluster.submit([sys.executable, "-m", "pipelines.pretrain", "--config", str(config_file)], env)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    use_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     version = mlflow.MlflowClient().get_model_version_by_alias("job-model", "candidate")
     assert version.version is not None
     # Checkpoints went to the Ray Train storage on S3.

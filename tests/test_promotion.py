@@ -6,6 +6,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from videobert.mlflow_utils import use_tracking_uri
 from videobert.promotion import CHAMPION, alias_version, eval_tag, promote
 
 METRIC = "zero_shot_object_top1"
@@ -58,7 +59,7 @@ def _check_promotion_rules(client: MlflowClient, name: str) -> None:
 
 
 def test_promotion_on_sqlite(tmp_path):
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    use_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     mlflow.set_experiment("promotion")
     try:
         _check_promotion_rules(MlflowClient(), "videobert-sqlite")
@@ -67,7 +68,7 @@ def test_promotion_on_sqlite(tmp_path):
 
 
 def test_promotion_on_live_server(mlflow_server):
-    mlflow.set_tracking_uri(mlflow_server)
+    use_tracking_uri(mlflow_server)
     mlflow.set_experiment("promotion")
     try:
         _check_promotion_rules(MlflowClient(), "videobert-server")

@@ -22,7 +22,7 @@ from tests.feature_corpus import write_video
 from videobert import storage
 from videobert.codebook import HierarchicalCodebook, latest_codebook
 from videobert.config import ExperimentConfig, load_config
-from videobert.mlflow_utils import tracking_uri
+from videobert.mlflow_utils import tracking_uri, use_tracking_uri
 from videobert.tables import Layout, append_manifest, read_manifest
 from videobert.text_tokenizer import TextTokenizer, list_tokenizers
 from videobert.token_shards import read_tokens
@@ -65,7 +65,7 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
     for name in ("centroids.safetensors", "codebook.json", "gallery.png"):
         assert storage.exists(storage.join(directory, name)), name
     # The MLflow run of its own: params, inertia and the artifacts.
-    mlflow.set_tracking_uri(tracking_uri(config))
+    use_tracking_uri(tracking_uri(config))
     run = mlflow.get_run(fitted["mlflow_run_id"])
     assert run.data.params["k"] == "2" and "inertia_level_1" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "codebook")}
