@@ -52,14 +52,10 @@ def _keep_mlflow_uri_env() -> Iterator[None]:
     """`mlflow.set_tracking_uri` / `set_registry_uri` (called by tests) also export
     MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which the pipeline and MLflow read as the user's
     choice: restore them so no test leaks its store (e.g. a live server) into the next."""
-    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-    before = {name: os.environ.get(name) for name in names}
-    yield
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    from videobert.mlflow_utils import preserved_uri_env
+
+    with preserved_uri_env():
+        yield
 
 
 def free_port() -> int:

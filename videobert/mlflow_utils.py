@@ -7,8 +7,10 @@ cannot hold SQLite, so then the store is `./mlflow.db` in the working directory 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 
 from videobert import storage
 from videobert.config import ExperimentConfig
@@ -47,6 +49,20 @@ def artifact_location(config: ExperimentConfig) -> str | None:
 ENV_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
+@contextlib.contextmanager
+def preserved_uri_env() -> Iterator[None]:
+    """Put MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI back as they were on leaving."""
+    before = {name: os.environ.get(name) for name in ENV_URIS}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def use_tracking_uri(uri: str) -> None:
     """Point MLflow's runs and model registry at `uri`, without touching the environment.
 
@@ -58,14 +74,9 @@ def use_tracking_uri(uri: str) -> None:
     """
     import mlflow
 
-    before = {name: os.environ.get(name) for name in ENV_URIS}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    for name, value in before.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
+    with preserved_uri_env():
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
 
 
 def setup_experiment(config: ExperimentConfig) -> str:
