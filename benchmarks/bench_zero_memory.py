@@ -57,7 +57,7 @@ def worker(rank: int, stage: int, args: argparse.Namespace, port: int, results: 
         torch.cuda.set_device(rank % torch.cuda.device_count())
     from videobert import training
     from videobert.config import TrainConfig
-    from videobert.examples import ExampleBuilder, ExampleConfig
+    from videobert.examples import ExampleBuilder
     from videobert.model import JointVocab, build_model
 
     training.init_distributed(use_gpu=cuda)
@@ -68,7 +68,7 @@ def worker(rank: int, stage: int, args: argparse.Namespace, port: int, results: 
     )
     model = build_model(args.size, vocab, max_positions=128)
     engine = training.build_engine(model, train, WORLD)
-    builder = ExampleBuilder(vocab, ExampleConfig(max_len=128))
+    builder = ExampleBuilder(vocab, max_len=128)
     rng = np.random.default_rng(rank)
     columns = {
         "video_id": [f"v{i // 4}" for i in range(8)],
@@ -99,14 +99,17 @@ def main() -> None:
     print(f"size {args.size}, vocab 51,264, {WORLD} workers, {args.precision}, {args.device}")
     what = "peak CUDA MiB" if args.device == "cuda" else "peak RSS growth MiB"
     peer = max(results[(0, rank)] for rank in range(WORLD))
+    peer_state = max(results[(0, rank, "state")] for rank in range(WORLD))
     for stage in STAGES:
         peaks = [results[(stage, rank)] for rank in range(WORLD)]
+        states = [results[(stage, rank, "state")] for rank in range(WORLD)]
         name = "no ZeRO (peer: plain data parallel)" if stage == 0 else f"ZeRO-{stage}"
-        ratio = max(peaks) / peer
         print(
             f"{name}: {what} per worker "
             + ", ".join(f"{p:.0f}" for p in peaks)
-            + f"; ratio to peer {ratio:.2f}"
+            + f" (ratio to peer {max(peaks) / peer:.2f}); model-state MiB per worker "
+            + ", ".join(f"{s:.0f}" for s in states)
+            + f" (ratio to peer {max(states) / peer_state:.2f})"
         )
 
 

@@ -50,6 +50,8 @@ class ExtractSummary:
     ok: int = 0
     error: int = 0
     skipped: int = 0
+    relinked: int = 0
+    """Extracted videos whose transcript sidecar appeared, vanished or changed name."""
     clips: int = 0
     seconds: float = 0.0
     features: str = ""
@@ -65,7 +67,8 @@ class ExtractSummary:
     def report(self) -> str:
         lines = [
             f"extract {self.run_id}: {self.listed} videos listed: {self.ok} ok, {self.error} error, "
-            f"{self.skipped} skipped (already extracted)",
+            f"{self.skipped} skipped (already extracted)"
+            + (f", {self.relinked} with a new transcript sidecar" if self.relinked else ""),
             f"  {self.clips} clips in {self.seconds:.1f} s ({self.clips_per_s:.1f} clips/s)",
             f"  features: {self.features}",
             f"  manifest: {self.manifest}",
@@ -109,11 +112,26 @@ def list_videos(config: ExperimentConfig) -> list[dict[str, Any]]:
     return videos
 
 
-def already_done(output: str, s3: S3Config, encoder: str) -> dict[str, tuple[str, str, str]]:
-    """video_id -> (status, etag, encoder) of the committed manifest."""
-    manifest = tables.read_manifest(output, s3)
-    columns = [manifest.column(n).to_pylist() for n in ("video_id", "status", "etag", "encoder")]
-    return {vid: (status, etag, enc) for vid, status, etag, enc in zip(*columns, strict=True)}
+def manifest_by_video(output: str, s3: S3Config) -> dict[str, dict[str, Any]]:
+    """video_id -> its committed manifest row."""
+    return {row["video_id"]: row for row in tables.read_manifest(output, s3).to_pylist()}
+
+
+def is_extracted(row: dict[str, Any] | None, video: dict[str, Any], encoder: str) -> bool:
+    """The manifest holds this very object (same ETag) extracted ok with this encoder."""
+    return row is not None and (row["status"], row["etag"], row["encoder"]) == ("ok", video["etag"], encoder)
+
+
+def relinked_rows(done: dict[str, dict[str, Any]], extracted: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """New manifest rows for extracted videos whose transcript sidecar was added, removed or
+    renamed. The features stand; only the row changes, and tokenize then re-reads the narration."""
+    rows = []
+    for video in extracted:
+        row = done[video["video_id"]]
+        if row["transcript_uri"] != video["transcript_uri"]:
+            kept = {k: v for k, v in row.items() if k not in ("updated_at", "transcript_error")}
+            rows.append({**kept, "transcript_uri": video["transcript_uri"]})
+    return rows
 
 
 # ---- Ray Data stages ---------------------------------------------------------------------
@@ -349,12 +367,15 @@ def run(config: ExperimentConfig) -> ExtractSummary:
     load_weights(config.encoder, config.s3)  # fail fast (exit 2) when the weights cannot be had
 
     videos = list_videos(config)
-    done = already_done(config.output, config.s3, encoder)
-    todo = [v for v in videos if done.get(v["video_id"]) != ("ok", v["etag"], encoder)]
+    done = manifest_by_video(config.output, config.s3)
+    todo = [v for v in videos if not is_extracted(done.get(v["video_id"]), v, encoder)]
+    relinked = relinked_rows(done, [v for v in videos if is_extracted(done.get(v["video_id"]), v, encoder)])
+    tables.append_manifest(config.output, relinked, config.s3)
     layout = tables.Layout(config.output)
     committer = Committer(config, todo, encoder, run_id)
     summary = committer.summary
     summary.run_id, summary.listed, summary.skipped = run_id, len(videos), len(videos) - len(todo)
+    summary.relinked = len(relinked)
     summary.features, summary.manifest = layout.features, layout.videos
 
     if todo:

@@ -111,7 +111,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from videobert import training
-    from videobert.examples import ExampleBuilder, ExampleConfig
+    from videobert.examples import ExampleBuilder
     from videobert.model import JointVocab, build_model, init_from_bert
     from videobert.tracking import MetricsLogger
 
@@ -137,7 +137,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         log.info("worker 0 of %d: starting at step %d of %d", world, step, train.steps)
 
-    builder = ExampleBuilder(vocab, ExampleConfig(max_len=config.model.max_seq_len))
+    builder = ExampleBuilder(vocab, config.model.max_seq_len, config.examples)
     shard = ray.train.get_dataset_shard("train")
     micro = training.micro_batch_size(train, world)
 

@@ -8,6 +8,5 @@ cd "$(dirname "$0")/.."
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$PWD/.torch_extensions}"
 .venv/bin/ruff check videobert pipelines tests benchmarks
 .venv/bin/ruff format --check videobert pipelines tests benchmarks
-# `slow` (the end-to-end demo run) is opt-in: ./scripts/test.sh -m slow
-if [ $# -eq 0 ]; then set -- -m "not slow"; fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# --durations: the suite must stay under 20 minutes on a 2-core box; this shows where time goes.
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 
 from tests.token_corpus import NUM_VISUAL, TEXT_VOCAB, token_table
+from videobert.config import ConfigError, ExamplesConfig
 from videobert.examples import (
     IGNORE,
     JOINT,
     TEXT,
     VIDEO,
     ExampleBuilder,
-    ExampleConfig,
     pack,
+    regime_plan,
     segments_from_columns,
 )
 from videobert.model import CLS, MASK, SEP, VIDEO_SEP, JointVocab
@@ -22,8 +23,8 @@ VOCAB = JointVocab(TEXT_VOCAB, NUM_VISUAL)
 COLUMNS = token_table(num_videos=12, segments=6).to_pydict()
 
 
-def build(config: ExampleConfig | None = None, seed: int = 0, rows: slice = slice(None)):
-    builder = ExampleBuilder(VOCAB, config or ExampleConfig(max_len=64))
+def build(config: ExamplesConfig | None = None, seed: int = 0, rows: slice = slice(None)):
+    builder = ExampleBuilder(VOCAB, 64, config)
     columns = {k: v[rows] for k, v in COLUMNS.items()}
     return builder.examples(segments_from_columns(columns), np.random.default_rng(seed))
 
@@ -48,7 +49,7 @@ def test_regimes_mixed_in_every_batch_and_layout():
 
 
 def test_masking_statistics():
-    builder = ExampleBuilder(VOCAB)
+    builder = ExampleBuilder(VOCAB, 64)
     rng = np.random.default_rng(0)
     text = VOCAB.text_ids(rng.integers(0, TEXT_VOCAB, 20_000))
     video = VOCAB.video_ids(rng.integers(0, NUM_VISUAL, 20_000))
@@ -63,8 +64,24 @@ def test_masking_statistics():
     swapped = chosen[(masked[chosen] != MASK) & (masked[chosen] != ids[chosen])]
     # random replacements stay in the masked token's modality
     assert (VOCAB.is_video(masked[swapped]) == VOCAB.is_video(ids[swapped])).all()
-    # every built example has at least one target, even a short one
-    assert all((e.labels != IGNORE).any() for e in build())
+    # every built example has at least one target, even a short one; misaligned pairs have
+    # none (they train the alignment head only) unless asked for
+    examples = build()
+    assert all((e.labels != IGNORE).any() == (e.aligned != 0) for e in examples)
+    assert any(e.aligned == 0 for e in examples)
+    assert all((e.labels != IGNORE).any() for e in build(ExamplesConfig(mlm_on_misaligned=True)))
+
+
+def test_regime_weights_set_the_shares_of_every_batch():
+    assert np.bincount(regime_plan(12, [1, 1, 1]), minlength=3).tolist() == [4, 4, 4]
+    assert np.bincount(regime_plan(12, [1, 1, 2]), minlength=3).tolist() == [3, 3, 6]
+    assert np.bincount(regime_plan(7, [0, 0, 1]), minlength=3).tolist() == [0, 0, 7]
+    assert np.bincount(regime_plan(5, [1, 1, 1]), minlength=3).sum() == 5  # remainders placed
+    examples = build(ExamplesConfig(regime_weights=[1, 0, 3]), rows=slice(0, 12))
+    assert np.bincount([e.regime for e in examples], minlength=3).tolist() == [3, 0, 9]
+    for weights in ([1, 1], [0, 0, 0], [-1, 1, 1]):
+        with pytest.raises(ConfigError, match="regime_weights"):
+            ExamplesConfig(regime_weights=weights)
 
 
 def test_subsampling_rates_and_misaligned_half():
@@ -75,8 +92,8 @@ def test_subsampling_rates_and_misaligned_half():
     joint = [e for e in examples if e.regime == JOINT]
     assert abs(np.mean([e.aligned for e in joint]) - 0.5) < 0.08
     # With one rate only and no concatenation, aligned pairs carry exactly their own segment's video.
-    config = ExampleConfig(max_len=64, max_subsample=1, concat_prob=0.0, mask_prob=0.01)
-    builder = ExampleBuilder(VOCAB, config)
+    config = ExamplesConfig(max_subsample=1, concat_prob=0.0, mask_prob=0.01)
+    builder = ExampleBuilder(VOCAB, 64, config)
     segments = segments_from_columns(COLUMNS)
     own = {tuple(VOCAB.video_ids(s.video_tokens)) for s in segments}
     pairs = {(tuple(VOCAB.text_ids(s.text_ids)), tuple(VOCAB.video_ids(s.video_tokens))) for s in segments}
@@ -91,9 +108,9 @@ def test_subsampling_rates_and_misaligned_half():
 
 
 def test_concatenation_of_neighbouring_sentences():
-    config = ExampleConfig(max_len=64, concat_prob=1.0, max_concat=3, max_subsample=1)
+    config = ExamplesConfig(concat_prob=1.0, max_concat=3, max_subsample=1)
     lengths = [len(e) for e in build(config)]
-    single = [len(e) for e in build(ExampleConfig(max_len=64, concat_prob=0.0, max_subsample=1))]
+    single = [len(e) for e in build(ExamplesConfig(concat_prob=0.0, max_subsample=1))]
     assert np.mean(lengths) > 1.3 * np.mean(single)
     assert max(lengths) <= 64
 
@@ -105,7 +122,7 @@ def test_deterministic_under_seed():
 
 
 def test_packing_has_no_padding_between_examples():
-    examples = build(ExampleConfig(max_len=64))
+    examples = build()
     batch = pack(examples, 64)
     rows, width = batch["input_ids"].shape
     assert width <= 64 and rows < len(examples)
@@ -124,6 +141,6 @@ def test_packing_has_no_padding_between_examples():
 
 
 def test_out_of_vocabulary_ids_are_a_clear_error():
-    builder = ExampleBuilder(JointVocab(10, NUM_VISUAL))
+    builder = ExampleBuilder(JointVocab(10, NUM_VISUAL), 64)
     with pytest.raises(ValueError, match="another tokenizer"):
         builder.batch(COLUMNS, np.random.default_rng(0))

@@ -157,6 +157,24 @@ def test_local_run_records_every_video_then_reruns_incrementally(ray_cluster, tm
     untouched = by_name3["video2.mp4"]["video_id"]
     np.testing.assert_array_equal(features3[(untouched, 0)][2], features[(untouched, 0)][2])
 
+    # Only sidecars change: video2 gains a transcript and video0 loses its own. Nothing is
+    # decoded again, but the manifest rows follow, so tokenize reads the right narration.
+    (source / "objects/video2.srt").write_text("1\n00:00:00,000 --> 00:00:02,000\nhi.\n")
+    (source / "objects/video0.vtt").unlink()
+    fourth = extract.run(config)
+    assert (fourth.ok, fourth.relinked, fourth.skipped, fourth.clips) == (0, 2, good + 1, 0)
+    assert "2 with a new transcript sidecar" in fourth.report()
+    rows4, features4 = snapshot(output)
+    by_name4 = {Path(r["source_uri"]).name: r for r in rows4}
+    assert len(rows4) == len(rows3)
+    assert by_name4["video2.mp4"]["transcript_uri"] == str(source / "objects/video2.srt")
+    assert by_name4["video0.mp4"]["transcript_uri"] is None
+    for name in ("video0.mp4", "video2.mp4"):  # the rest of the row stands
+        strip = lambda row: {k: v for k, v in row.items() if k != "transcript_uri"}  # noqa: E731
+        assert strip(by_name4[name]) == strip(by_name3[name])
+    assert features4.keys() == features3.keys()
+    assert extract.run(config).relinked == 0  # and a rerun has nothing left to relink
+
 
 def test_s3_source_and_output(ray_cluster, tmp_path: Path, s3_bucket: str) -> None:
     local = make_corpus(tmp_path / "src", good=2, bad=False)

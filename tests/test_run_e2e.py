@@ -2,8 +2,9 @@
 
 On the demo corpus with random S3D weights, the trained debug model's zero-shot object
 accuracy on held-out videos must beat chance at least 3x and beat the same model untrained.
-(That a second `run` does no work, and that `run` survives kills, is tested on a smaller
-corpus in tests/test_run_faults.py, which CI runs.)
+The recipe that makes this reliable on 2 CPU cores is configs/demo.yaml's (full-corpus
+batches, half the examples text+video, lr 3e-3). (That a second `run` does no work, and that
+`run` survives kills, is tested on a smaller corpus in tests/test_run_faults.py.)
 """
 
 from __future__ import annotations
@@ -27,11 +28,6 @@ from videobert.token_shards import read_tokens
 from videobert.tracking import load_registered_model
 
 REPO = Path(__file__).resolve().parent.parent
-
-# Opt-in (`./scripts/test.sh -m slow`): on this corpus the debug model learns the object words
-# only after a few thousand steps, and when it does is seed-dependent (see the session note);
-# the learning bar is not yet met reliably inside CI's budget.
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +58,7 @@ def test_run_trains_a_champion_that_learned_objects(demo_run):
     assert float(tags["eval.zero_shot_items"]) >= 4
 
     # The same model untrained, on the same held-out items, is the baseline to beat.
-    assert first["pretrain"].model_version == champion  # the first run trained the champion
+    assert int(first["pretrain"].model_version) == champion  # the first run trained the champion
     version_meta = client.get_model_version(name, champion)
     assert version_meta.tags["promotion.decision"] == "promoted"
     model, vocab, info = load_registered_model(f"models:/{name}/{champion}")

@@ -27,7 +27,7 @@ def rank_main(rank: int, port: int, results: dict) -> None:
 
     from videobert import training
     from videobert.config import TrainConfig
-    from videobert.examples import ExampleBuilder, ExampleConfig
+    from videobert.examples import ExampleBuilder
     from videobert.model import JointVocab, build_model
 
     torch.set_num_threads(1)
@@ -38,7 +38,7 @@ def rank_main(rank: int, port: int, results: dict) -> None:
     columns = token_table(num_videos=2, segments=4, seed=rank).to_pydict()
     if rank == 0:  # narration-less footage: only video-only examples, so no text+video pair
         columns["text_ids"] = [[] for _ in columns["text_ids"]]
-    builder = ExampleBuilder(vocab, ExampleConfig(max_len=64))
+    builder = ExampleBuilder(vocab, max_len=64)
     rng = np.random.default_rng(rank)
     losses = []
     for _ in range(2):

@@ -171,6 +171,40 @@ class ModelConfig:
 
 
 @dataclass
+class ExamplesConfig:
+    """How token rows become training examples: the paper's three regimes and augmentations."""
+
+    mask_prob: float = 0.15
+    """Share of non-special tokens chosen for MLM (80% [MASK], 10% random, 10% kept)."""
+    max_subsample: int = 5
+    """Video tokens are subsampled at a rate drawn from 1..max_subsample."""
+    concat_prob: float = 0.5
+    """Chance that a segment is concatenated with following neighbouring segments."""
+    max_concat: int = 3
+    """Most segments concatenated into one example."""
+    misaligned_fraction: float = 0.5
+    """Share of text+video examples whose video comes from elsewhere."""
+    regime_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+    """Relative shares of the text-only, video-only and text+video regimes in every batch."""
+    mlm_on_misaligned: bool = False
+    """Mask tokens of misaligned text+video pairs too. Off, as in ViLBERT: a masked word
+    predicted next to the wrong video teaches the model that the video does not matter."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_prob < 1:
+            raise ConfigError("examples.mask_prob must be in (0, 1)")
+        if self.max_subsample < 1 or self.max_concat < 1:
+            raise ConfigError("examples.max_subsample and examples.max_concat must be >= 1")
+        if not 0 <= self.concat_prob <= 1 or not 0 <= self.misaligned_fraction <= 1:
+            raise ConfigError("examples.concat_prob and examples.misaligned_fraction must be in [0, 1]")
+        weights = self.regime_weights
+        if len(weights) != 3 or min(weights) < 0 or not any(weights):
+            raise ConfigError(
+                "examples.regime_weights must be 3 non-negative shares (text, video, text+video), not all 0"
+            )
+
+
+@dataclass
 class TrainConfig:
     """Distributed pretraining with Ray Train + DeepSpeed."""
 
@@ -302,6 +336,7 @@ class ExperimentConfig:
     text: TextConfig = field(default_factory=TextConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    examples: ExamplesConfig = field(default_factory=ExamplesConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

@@ -1,17 +1,19 @@
 """Training examples from token rows: the paper's three regimes, masking, packing.
 
 A batch of token rows (aligned segments of `tokens/`) becomes a batch of examples, one per
-row, with the three regimes of VideoBERT mixed in every batch:
+row, with the three regimes of VideoBERT mixed in every batch (in equal shares by default,
+`examples.regime_weights`):
 
 - text-only MLM:   `[CLS] text [SEP]`                (token type 0)
 - video-only MLM:  `[CLS] video [SEP]`               (token type 1)
 - text+video:      `[CLS] text [>] video [SEP]`      MLM + linguistic-visual alignment on [CLS];
   half the pairs are misaligned, their video drawn from another segment of the batch
-  (another video when the batch has one).
+  (another video when the batch has one). Misaligned pairs train the alignment head only,
+  without masked tokens (as ViLBERT does; `examples.mlm_on_misaligned`).
 
 Augmentations from the paper: the video tokens are subsampled at a random rate of 1-5 steps,
 and a segment is randomly concatenated with its following neighbours of the same video.
-15% of the non-special tokens are masked with the 80/10/10 rule (random replacements come
+15% of the non-special tokens (`examples.mask_prob`) are masked with the 80/10/10 rule (random replacements come
 from the same modality). Examples are then packed into rows of `max_len` tokens without
 padding between them (see videobert/model.py for why packing).
 
@@ -26,37 +28,12 @@ from typing import Any
 
 import numpy as np
 
+from videobert.config import ExamplesConfig
 from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab
 
 REGIMES = ("text", "video", "joint")
 TEXT, VIDEO, JOINT = range(3)
 IGNORE = -100
-
-
-@dataclass
-class ExampleConfig:
-    """How examples are built from aligned segments."""
-
-    max_len: int = 512
-    """Longest example (and packed row), in tokens."""
-    mask_prob: float = 0.15
-    """Share of non-special tokens chosen for MLM."""
-    max_subsample: int = 5
-    """Video tokens are subsampled at a rate drawn from 1..max_subsample."""
-    concat_prob: float = 0.5
-    """Chance that a segment is concatenated with following neighbouring segments."""
-    max_concat: int = 3
-    """Most segments concatenated into one example."""
-    misaligned_fraction: float = 0.5
-    """Share of text+video examples whose video comes from elsewhere."""
-
-    def __post_init__(self) -> None:
-        if self.max_len < 8:
-            raise ValueError("max_len must be >= 8")
-        if not 0 < self.mask_prob < 1:
-            raise ValueError("mask_prob must be in (0, 1)")
-        if self.max_subsample < 1 or self.max_concat < 1:
-            raise ValueError("max_subsample and max_concat must be >= 1")
 
 
 @dataclass
@@ -99,6 +76,15 @@ def segments_from_columns(columns: Mapping[str, Sequence[Any]]) -> list[Segment]
     ]
 
 
+def regime_plan(n: int, weights: Sequence[float]) -> np.ndarray:
+    """`n` regimes in the shares `weights` (largest remainder), ordered text, video, joint."""
+    shares = np.asarray(weights, np.float64) / np.sum(weights) * n
+    counts = np.floor(shares).astype(int)
+    for r in np.argsort(-(shares - counts), kind="stable")[: n - counts.sum()]:
+        counts[r] += 1
+    return np.repeat(np.arange(len(REGIMES)), counts)
+
+
 def build_sequence(
     vocab: JointVocab, regime: int, text: np.ndarray, video: np.ndarray, max_len: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -126,9 +112,12 @@ def build_sequence(
 class ExampleBuilder:
     """Builds masked, packed training batches from batches of token rows."""
 
-    def __init__(self, vocab: JointVocab, config: ExampleConfig | None = None) -> None:
+    def __init__(self, vocab: JointVocab, max_len: int, config: ExamplesConfig | None = None) -> None:
+        if max_len < 8:
+            raise ValueError("max_len must be >= 8")
         self.vocab = vocab
-        self.config = config or ExampleConfig()
+        self.max_len = max_len  # longest example (and packed row), in tokens
+        self.config = config or ExamplesConfig()
 
     # -- one example -----------------------------------------------------------------------
 
@@ -179,7 +168,9 @@ class ExampleBuilder:
         rate: int,
         rng: np.random.Generator,
     ) -> Example:
-        ids, types = build_sequence(self.vocab, regime, text, video, self.config.max_len)
+        ids, types = build_sequence(self.vocab, regime, text, video, self.max_len)
+        if aligned == 0 and not self.config.mlm_on_misaligned:
+            return Example(ids, types, np.full_like(ids, IGNORE), regime, aligned, rate)
         maskable = ids >= self.vocab.text_offset
         masked, labels = self._mask(ids, maskable, rng)
         return Example(masked, types, labels, regime, aligned, rate)
@@ -191,7 +182,7 @@ class ExampleBuilder:
         self.check_ids(segments)
         order = sorted(range(len(segments)), key=lambda i: (segments[i].video_id, segments[i].segment_index))
         segments = [segments[i] for i in order]
-        regimes = rng.permutation(np.arange(len(segments)) % len(REGIMES))
+        regimes = rng.permutation(regime_plan(len(segments), self.config.regime_weights))
         out: list[Example] = []
         for i, regime in enumerate(regimes):
             span = self._span(segments, i, rng)
@@ -249,7 +240,7 @@ class ExampleBuilder:
 
     def batch(self, columns: Mapping[str, Sequence[Any]], rng: np.random.Generator) -> dict[str, np.ndarray]:
         """Token rows (columns) -> one packed training batch."""
-        return pack(self.examples(segments_from_columns(columns), rng), self.config.max_len)
+        return pack(self.examples(segments_from_columns(columns), rng), self.max_len)
 
 
 def pack(examples: list[Example], max_len: int, multiple_of: int = 8) -> dict[str, np.ndarray]:

@@ -20,7 +20,8 @@ import pyarrow as pa
 import torch
 
 from videobert import evaluation
-from videobert.examples import IGNORE, JOINT, Example, ExampleBuilder, ExampleConfig, build_sequence, pack
+from videobert.config import ExamplesConfig
+from videobert.examples import IGNORE, JOINT, Example, ExampleBuilder, build_sequence, pack
 from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab, VideoBert
 from videobert.training import forward, to_device
 
@@ -81,7 +82,7 @@ def mlm_metrics(
     model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, seed: int = 0
 ) -> dict[str, float]:
     """Masked-token accuracy on text and on video tokens (every regime, fixed seed)."""
-    builder = ExampleBuilder(vocab, ExampleConfig(max_len=max_len, concat_prob=0.0, max_subsample=1))
+    builder = ExampleBuilder(vocab, max_len, ExamplesConfig(concat_prob=0.0, max_subsample=1))
     rng = np.random.default_rng(seed)
     counts = {"text": [0, 0], "video": [0, 0]}
     device = next(model.parameters()).device

@@ -124,7 +124,7 @@ def pretraining_loss(
     logits = outputs["mlm_logits"].float()
     labels = batch["mlm_labels"]
     token_loss = F.cross_entropy(logits, labels, reduction="none", ignore_index=IGNORE)
-    loss = token_loss.mean()
+    loss = token_loss.sum() / max(1, labels.numel())  # a batch of only misaligned pairs has none
     parts: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         correct = (logits.argmax(-1) == labels).float()
