@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score
 
-from videobert.codebook import HierarchicalCodebook, kmeans, latest_codebook
+from videobert import codebook as codebook_module
+from videobert.codebook import HierarchicalCodebook, _kmeans_batched, kmeans, latest_codebook
 
 
 def planted(k: int, depth: int, per_leaf: int = 40, dim: int = 16, seed: int = 0):
@@ -91,6 +92,91 @@ def test_empty_clusters_reseeded_and_small_nodes_handled():
     words = codebook.assign(tiny)
     assert len(set(words.tolist())) == 6  # six distinct points, six distinct words
     assert np.allclose(codebook.leaf_centroids[words].numpy(), tiny, atol=1e-5)
+
+
+def test_batched_small_nodes_recover_tree_deterministically_and_match_per_node_fit(monkeypatch):
+    # k 4, depth 3: every node below the root has < BATCH_FIT_ROWS points, so levels 1-2 are
+    # fitted in padded batches; the same fit with batching off is the per-node reference.
+    k, depth = 4, 3
+    x, labels = planted(k=k, depth=depth, per_leaf=25, seed=5)
+    batched = HierarchicalCodebook.fit(x, k=k, depth=depth, seed=3, iterations=50)
+    again = HierarchicalCodebook.fit(x, k=k, depth=depth, seed=3, iterations=50)
+    assert batched.version == again.version
+    assert adjusted_rand_score(labels, batched.assign(x)) > 0.99
+    monkeypatch.setattr(codebook_module, "BATCH_FIT_ROWS", 0)
+    per_node = HierarchicalCodebook.fit(x, k=k, depth=depth, seed=3, iterations=50)
+    assert per_node.version != batched.version  # the batched path did run above
+    assert batched.inertia_per_level[-1] <= 1.02 * per_node.inertia_per_level[-1]
+
+
+def test_batched_kmeans_masks_padding_and_reseeds_empty_clusters():
+    # Three nodes of 30, 47 and 90 points (3 planted clusters each) in one padded batch:
+    # padding repeats a node's last row, and must count nowhere.
+    rng = np.random.default_rng(0)
+    sizes = [30, 47, 90]
+    blocks, truth = [], []
+    for size in sizes:
+        which = np.arange(size) % 3
+        blocks.append(rng.normal(size=(3, 8))[which] * 50 + rng.normal(size=(size, 8)))
+        truth.append(which)
+    x = torch.as_tensor(np.concatenate(blocks).astype(np.float32))
+    starts = np.cumsum([0, *sizes[:-1]])
+    rows = torch.as_tensor(
+        [[start + min(j, n - 1) for j in range(max(sizes))] for start, n in zip(starts, sizes, strict=True)]
+    )
+    counts = torch.as_tensor(sizes)
+    centroids, labels, inertia = _kmeans_batched(x, rows, counts, 3, torch.Generator().manual_seed(0), 50)
+    again = _kmeans_batched(x, rows, counts, 3, torch.Generator().manual_seed(0), 50)
+    assert all(torch.equal(a, b) for a, b in zip((centroids, labels, inertia), again, strict=True))
+    for b, n in enumerate(sizes):
+        points, own = x[rows[b, :n]], labels[b, :n]
+        assert adjusted_rand_score(truth[b], own.numpy()) == 1.0
+        for j in range(3):  # converged: each centroid is the mean of its members alone
+            assert torch.allclose(centroids[b, j], points[own == j].mean(0), atol=1e-3)
+        assert float(inertia[b]) == pytest.approx(float(((points - centroids[b, own]) ** 2).sum()), rel=1e-4)
+    # 20 points with 3 distinct values and k 6: seeds repeat, clusters go empty and are re-seeded.
+    dup = torch.as_tensor(np.repeat(np.eye(3, 4, dtype=np.float32) * 10, [10, 6, 4], axis=0))
+    centroids, labels, inertia = _kmeans_batched(
+        dup, torch.arange(20)[None], torch.tensor([20]), 6, torch.Generator().manual_seed(0), 10
+    )
+    assert torch.isfinite(centroids).all() and float(inertia[0]) == 0.0
+    assert torch.equal(centroids[0, labels[0]], dup)  # every point sits on its own centroid
+
+
+def test_batched_kmeans_takes_the_same_steps_as_per_node_kmeans_from_the_same_seeds(monkeypatch):
+    # Seeds forced alike on both paths: the Lloyd steps, early stop and empty-cluster
+    # re-seeding must then agree. All four seeds on one point leave three clusters empty.
+    rng = np.random.default_rng(1)
+    sizes, k = [40, 64], 4
+    nodes = [rng.normal(size=(k, 6))[np.arange(n) % k] * 10 + rng.normal(size=(n, 6)) for n in sizes]
+    x = torch.as_tensor(np.concatenate(nodes).astype(np.float32))
+    seeds = torch.tensor([[0, 0, 0, 0], [5, 1, 2, 3]])
+    rows = torch.stack([torch.arange(64).clamp_max(39), torch.arange(40, 104)])
+    monkeypatch.setattr(codebook_module, "_kmeans_plus_plus_batched", lambda *args: seeds)
+    centroids, labels, inertia = _kmeans_batched(x, rows, torch.tensor(sizes), k, torch.Generator(), 20)
+    for b, n in enumerate(sizes):
+        points = x[rows[b, :n]]
+        monkeypatch.setattr(codebook_module, "_kmeans_plus_plus", lambda x, k, g, b=b: x[seeds[b]])
+        own_centroids, own_labels, own_inertia = kmeans(points, k, torch.Generator(), 20)
+        assert torch.equal(labels[b, :n], own_labels)
+        assert torch.allclose(centroids[b], own_centroids, atol=1e-4)
+        assert float(inertia[b]) == pytest.approx(own_inertia, rel=1e-4)
+
+
+def test_training_subsample_still_recovers_the_tree():
+    # 60 points per leaf, at most 20 per centroid: both levels train on a subsample, and
+    # every point is still labelled (inertia is over all of them).
+    k, depth = 4, 2
+    x, labels = planted(k=k, depth=depth, per_leaf=60, seed=2)
+    full = HierarchicalCodebook.fit(x, k=k, depth=depth, seed=0, iterations=50)
+    sampled = HierarchicalCodebook.fit(x, k=k, depth=depth, seed=0, iterations=50, max_points_per_centroid=20)
+    again = HierarchicalCodebook.fit(x, k=k, depth=depth, seed=0, iterations=50, max_points_per_centroid=20)
+    assert sampled.version == again.version and sampled.version != full.version
+    assert adjusted_rand_score(labels, sampled.assign(x)) > 0.99
+    assert sampled.inertia_per_level[-1] <= 1.05 * full.inertia_per_level[-1]
+    words = sampled.assign(x)
+    measured = ((x - sampled.leaf_centroids.numpy()[words]) ** 2).sum(1).mean()
+    assert sampled.inertia_per_level[-1] == pytest.approx(measured, rel=1e-3)
 
 
 def test_float16_input_and_shape_errors():
