@@ -13,9 +13,9 @@ row, with the three regimes of VideoBERT mixed in every batch (in equal shares b
 
 Augmentations from the paper: the video tokens are subsampled at a random rate of 1-5 steps,
 and a segment is randomly concatenated with its following neighbours of the same video.
-15% of the non-special tokens (`examples.mask_prob`) are masked with the 80/10/10 rule (random replacements come
-from the same modality). Examples are then packed into rows of `max_len` tokens without
-padding between them (see videobert/model.py for why packing).
+15% of the non-special tokens (`examples.mask_prob`) are masked with the 80/10/10 rule
+(random replacements come from the same modality). Examples are then packed into rows of
+`max_len` tokens without padding between them (see videobert/model.py for why packing).
 
 Pure numpy: deterministic for a given `numpy.random.Generator`.
 """
