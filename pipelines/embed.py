@@ -414,8 +414,7 @@ def embed_items(
 
 def run(config: ExperimentConfig) -> EmbedSummary:
     """Embed every new or changed video under `source` with `embed.model_uri` (see module doc)."""
-    # mlflow and torch are imported here, not at module level, so `--help` answers at once.
-
+    # Modules that pull in mlflow and torch are imported here, so `--help` answers at once.
     from videobert.codebook import METADATA_FILE
     from videobert.features import encoder_id, load_weights
     from videobert.mlflow_utils import tracking_uri, use_tracking_uri
