@@ -51,20 +51,29 @@ def test_hierarchy_recovers_planted_tree_and_prefixes_match_each_level():
         assert node == words[i]
 
 
-def test_assignment_matches_brute_force_descent_in_any_chunking():
-    # Skewed data: a few nodes get hundreds of rows (one matmul each), most a handful (the
-    # batched path); batch sizes that split nodes across chunks must not change a word.
+@pytest.mark.parametrize("small_node_elements", [1, codebook_module.SMALL_NODE_ELEMENTS, 1 << 30])
+def test_assignment_matches_brute_force_descent_in_any_chunking(small_node_elements, monkeypatch):
+    # Skewed data: a few nodes get hundreds of rows, most a handful. Every node takes one
+    # matmul (1), or only the batched small-node path (1 << 30), or a mix (the default); batch
+    # sizes that split nodes across chunks must not change a word, nor float16 input.
+    monkeypatch.setattr(codebook_module, "SMALL_NODE_ELEMENTS", small_node_elements)
     rng = np.random.default_rng(3)
     x = np.concatenate([rng.normal(size=(1200, 8)), rng.normal(size=(100, 8)) * 5 + 20]).astype(np.float32)
     k, depth = 5, 3
     codebook = HierarchicalCodebook.fit(x, k=k, depth=depth, seed=0, iterations=5)
     levels = [level.numpy().astype(np.float64) for level in codebook.levels]
-    node = np.zeros(len(x), np.int64)
-    for level in levels:
-        children = level[node]  # (n, k, dim): each row's own k candidates
-        node = node * k + ((children - x[:, None, :].astype(np.float64)) ** 2).sum(-1).argmin(1)
+
+    def brute_force(features: np.ndarray) -> np.ndarray:
+        node = np.zeros(len(features), np.int64)
+        for level in levels:
+            children = level[node]  # (n, k, dim): each row's own k candidates
+            node = node * k + ((children - features[:, None, :].astype(np.float64)) ** 2).sum(-1).argmin(1)
+        return node
+
     for batch_size in (None, 50, 500):
-        assert np.array_equal(codebook.assign(x, batch_size=batch_size), node)
+        assert np.array_equal(codebook.assign(x, batch_size=batch_size), brute_force(x))
+    half = x.astype(np.float16)
+    assert np.array_equal(codebook.assign(half, batch_size=50), brute_force(half))
 
 
 def test_deterministic_under_seed_and_version_is_content_hash():

@@ -64,12 +64,15 @@ GALLERY_FILE = "gallery.png"
 INIT_SAMPLE = 2048
 BATCH_FIT_ROWS = 1024
 BATCH_FIT_ELEMENTS = 1 << 23
-# Assignment tuning, measured on a 2-core EPYC (32 MB L3): rows are descended in chunks of
-# about CHUNK_BYTES of float32. Smaller chunks stay in cache (depth 2 gained ~20% at 16 MB)
-# but leave fewer rows per node at deep levels (depth 4 lost ~10%); 32 MB is the middle.
-# Nodes with fewer rows than SMALL_GROUP share batched matmuls of about BMM_ELEMENTS floats.
+# Assignment tuning, measured on a 2-core EPYC (32 MB L3). Each level visits all rows grouped
+# by node (one argsort of the whole input per level), gathered in chunks of about CHUNK_BYTES
+# of float32, so a deep node's rows stay together whatever the chunk size (at depth 4, dim
+# 1024, 4-32 MB chunks are within 10%). A node with rows * dim >= SMALL_NODE_ELEMENTS takes
+# one addmm on its slice; smaller ones share batched matmuls of about BMM_ELEMENTS floats
+# (the threshold is in elements because the per-call overhead matters less at larger dim:
+# 32 rows is best at dim 256, 1-8 rows at dim 1024).
 CHUNK_BYTES = 32 << 20
-SMALL_GROUP = 32
+SMALL_NODE_ELEMENTS = 1 << 13
 BMM_ELEMENTS = 1 << 22
 
 
@@ -86,13 +89,16 @@ def _as_float_tensor(features: np.ndarray | torch.Tensor, device: torch.device) 
     return tensor.to(device=device, dtype=torch.float32)
 
 
-def _distances(x: torch.Tensor, centroids: torch.Tensor, centroid_sq: torch.Tensor) -> torch.Tensor:
-    """Squared distance up to the per-row constant |x|^2: |c|^2 - 2 x.c, shape (n, k).
+def _scores(x: torch.Tensor, centroids: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """Squared distance up to the per-row constant |x|^2: bias - 2 c.x, shape (k, n).
 
-    Fit and assignment both take argmin of this expression (assignment's batched path for
-    small nodes evaluates the same one with baddbmm).
+    `bias` is |c|^2 (+inf rules a centroid out, see `HierarchicalCodebook.centroid_bias`).
+    Fit and assignment both take the minimum of this over k. The (k, n) = centroids @ x.T
+    layout is 15-30% faster on CPU than (n, k) for k ~ 12 (assignment's batched path for
+    small nodes evaluates the same expression with baddbmm). Take `.min(0).indices`, not
+    `.argmin(0)`: on CPU argmin across the strided k axis is 4x slower.
     """
-    return torch.addmm(centroid_sq[None, :], x, centroids.T, alpha=-2.0)
+    return torch.addmm(bias[:, None], centroids, x.T, alpha=-2.0)
 
 
 def _squared_norms(x: torch.Tensor) -> torch.Tensor:
@@ -103,13 +109,8 @@ def _squared_norms(x: torch.Tensor) -> torch.Tensor:
 def _nearest(
     x: torch.Tensor, x_sq: torch.Tensor, centroids: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Index of the nearest centroid and the true squared distance to it.
-
-    Computed as (k, n) = centroids @ x.T: with k ~ 12 that matmul is ~30% faster on CPU than
-    the (n, k) one `_distances` does.
-    """
-    centroid_sq = _squared_norms(centroids)
-    best, labels = torch.addmm(centroid_sq[:, None], centroids, x.T, alpha=-2.0).min(0)
+    """Index of the nearest centroid and the true squared distance to it."""
+    best, labels = _scores(x, centroids, _squared_norms(centroids)).min(0)
     return labels, (best + x_sq).clamp_min_(0.0)
 
 
@@ -117,39 +118,30 @@ def _descend(
     x: torch.Tensor,
     node: torch.Tensor,
     centroids: torch.Tensor,
-    centroid_sq: torch.Tensor,
-    buffer: torch.Tensor,
+    centroid_bias: torch.Tensor,
 ) -> torch.Tensor:
     """Child index (n,) of each row of x (n, dim) under the node (n,) it reached.
 
-    `centroids` (nodes, k, dim) and `centroid_sq` (nodes, k) are one level's; `buffer`
-    (>= n, dim) is scratch space reused across calls (a fresh large tensor per level costs
-    more in page faults than the copy itself).
+    Rows must come grouped by node (`node` sorted), so a node's rows are one contiguous
+    slice of x. `centroids` (nodes, k, dim) and `centroid_bias` (nodes, k) are one level's.
     """
     if centroids.shape[0] == 1:  # the root: one matmul, no grouping
-        return _distances(x, centroids[0], centroid_sq[0]).argmin(1)
+        return _scores(x, centroids[0], centroid_bias[0]).min(0).indices
     k, dim = centroids.shape[1], centroids.shape[2]
-    order = torch.argsort(node, stable=True)
-    nodes, counts = torch.unique_consecutive(node[order], return_counts=True)
+    nodes, counts = torch.unique_consecutive(node, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
     local = torch.empty_like(node)
-    big = counts >= SMALL_GROUP
-    big_rows = torch.repeat_interleave(big, counts)  # per sorted row: is it in a big group?
-    if bool(big.any()):
-        # Big nodes: their rows copied contiguously once, then one addmm per node.
-        rows_of_big = order[big_rows]
-        x_big = torch.index_select(x, 0, rows_of_big, out=buffer[: len(rows_of_big)])
-        start = 0
-        for parent, count in zip(nodes[big].tolist(), counts[big].tolist(), strict=True):
-            part = slice(start, start + count)
-            nearest = _distances(x_big[part], centroids[parent], centroid_sq[parent]).argmin(1)
-            local[rows_of_big[part]] = nearest
-            start += count
+    big = counts * dim >= SMALL_NODE_ELEMENTS
+    # Big nodes: one addmm over their slice of x, no copy.
+    for parent, start, count in zip(
+        nodes[big].tolist(), starts[big].tolist(), counts[big].tolist(), strict=True
+    ):
+        part = slice(start, start + count)
+        local[part] = _scores(x[part], centroids[parent], centroid_bias[parent]).min(0).indices
     if not bool(big.all()):
         # Small nodes: groups padded to the next power of two, one baddbmm per size (and per
-        # BMM_ELEMENTS), gathering rows straight from x. Padding repeats a group's last row.
-        rows_of_small = order[~big_rows]
-        s_nodes, s_counts = nodes[~big], counts[~big]
-        s_starts = torch.cumsum(s_counts, 0) - s_counts
+        # BMM_ELEMENTS). Padding repeats a group's last row.
+        s_nodes, s_counts, s_starts = nodes[~big], counts[~big], starts[~big]
         padded = 1 << torch.ceil(torch.log2(s_counts.to(torch.float64))).to(torch.long)
         for size in torch.unique(padded).tolist():
             groups = torch.nonzero(padded == size).flatten()
@@ -158,10 +150,12 @@ def _descend(
             for begin in range(0, len(groups), per_call):
                 g = groups[begin : begin + per_call]
                 g_nodes, g_counts = s_nodes[g], s_counts[g]
-                slots = s_starts[g][:, None] + torch.minimum(offsets[None, :], g_counts[:, None] - 1)
-                rows = rows_of_small[slots]  # (groups, size) row indices into x
+                rows = s_starts[g][:, None] + torch.minimum(offsets[None, :], g_counts[:, None] - 1)
                 distances = torch.baddbmm(  # (groups, size, k)
-                    centroid_sq[g_nodes][:, None, :], x[rows], centroids[g_nodes].transpose(1, 2), alpha=-2.0
+                    centroid_bias[g_nodes][:, None, :],
+                    x[rows],
+                    centroids[g_nodes].transpose(1, 2),
+                    alpha=-2.0,
                 )
                 valid = offsets[None, :] < g_counts[:, None]
                 local[rows[valid]] = distances.argmin(-1)[valid]
@@ -496,10 +490,10 @@ class HierarchicalCodebook:
     """Mean squared distance of a sample feature to its node's centroid, after each level."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """encoder, sample_size, fit_seconds, seed, iterations, created_at, ..."""
-    _centroid_sq: tuple[tuple[torch.Tensor, ...], list[torch.Tensor]] | None = field(
+    _centroid_bias: tuple[tuple[torch.Tensor, ...], list[torch.Tensor]] | None = field(
         default=None, init=False, repr=False, compare=False
     )
-    """(the level tensors it was computed from, their squared norms): cached for assignment."""
+    """(the level tensors it was computed from, their `centroid_bias`): cached for assignment."""
 
     @property
     def dim(self) -> int:
@@ -585,24 +579,39 @@ class HierarchicalCodebook:
             self.k, self.depth, levels, list(self.inertia_per_level), dict(self.metadata)
         )
 
-    def centroid_sq(self) -> list[torch.Tensor]:
-        """Squared norm of every centroid, (k**l, k) per level; computed once, then cached."""
-        cached = self._centroid_sq
+    def centroid_bias(self) -> list[torch.Tensor]:
+        """|c|^2 of every centroid, (k**l, k) per level, the constant of assignment's scores.
+
+        A repeat of an earlier centroid of the same node (a node fitted on fewer than k
+        points repeats them) gets +inf, so it never wins: otherwise identical centroids tie,
+        and which one a matmul's rounding picks would depend on the path, i.e. on the batch.
+        Computed once, then cached (for 20,736 leaves x 1024 dims recomputing it per call
+        cost more than assigning a batch).
+        """
+        cached = self._centroid_bias
         if (
             cached is None
             or len(cached[0]) != len(self.levels)
             or any(a is not b for a, b in zip(cached[0], self.levels, strict=False))
         ):
-            # 20,736 leaves x 1024 dims: recomputing this per call cost more than assigning a batch.
-            cached = (tuple(self.levels), [(level * level).sum(-1) for level in self.levels])
-            self._centroid_sq = cached
+            biases = []
+            for level in self.levels:
+                bias = (level * level).sum(-1)
+                for later in range(1, self.k):
+                    repeat = (level[:, later : later + 1] == level[:, :later]).all(-1).any(-1)
+                    bias[:, later][repeat] = torch.inf
+                biases.append(bias)
+            cached = (tuple(self.levels), biases)
+            self._centroid_bias = cached
         return cached[1]
 
     def assign_levels(self, features: np.ndarray | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
         """Per-level child index of every feature, (N, depth) int64, descending the tree.
 
-        `batch_size` rows are converted to float32 and descended at a time (default: about
-        CHUNK_BYTES of float32 rows); memory stays bounded by a few such chunks.
+        Each level visits the rows grouped by the node they reached, `batch_size` rows
+        gathered and converted to float32 at a time (default: about CHUNK_BYTES of float32
+        rows). Besides the input (copied once to the codebook's device if it lives elsewhere),
+        memory is a few such chunks and O(N) indices.
         """
         device = self.levels[0].device
         if isinstance(features, np.ndarray) and not features.flags.writeable:
@@ -610,19 +619,38 @@ class HierarchicalCodebook:
         x_all = torch.as_tensor(features) if isinstance(features, np.ndarray) else features
         if x_all.ndim != 2 or x_all.shape[1] != self.dim:
             raise ValueError(f"features must have shape (N, {self.dim}), got {tuple(x_all.shape)}")
+        # Every level visits every row: on an accelerator the batch is copied there once (in
+        # its own dtype), not once per level.
+        x_all = x_all.to(device)
         n = x_all.shape[0]
         chunk = batch_size or max(1024, CHUNK_BYTES // (4 * self.dim))
-        centroid_sq = self.centroid_sq()
+        centroid_bias = self.centroid_bias()
         with torch.inference_mode():
             out = torch.empty((n, self.depth), dtype=torch.long, device=device)
-            buffer = torch.empty((min(chunk, n), self.dim), dtype=torch.float32, device=device)
-            for begin in range(0, n, chunk):
-                x = x_all[begin : begin + chunk].to(device=device, dtype=torch.float32)
-                node = torch.zeros(x.shape[0], dtype=torch.long, device=device)
-                for level in range(self.depth):
-                    local = _descend(x, node, self.levels[level], centroid_sq[level], buffer)
-                    out[begin : begin + x.shape[0], level] = local
-                    node = node * self.k + local
+            # Reused gather buffers: a fresh chunk-sized tensor per gather costs more in page
+            # faults than the copy itself.
+            gathered = torch.empty((min(chunk, n), self.dim), dtype=x_all.dtype, device=device)
+            converted = gathered
+            if gathered.dtype != torch.float32:
+                converted = torch.empty(gathered.shape, dtype=torch.float32, device=device)
+            # Level 0 takes rows in input order (all are under the root); each later level
+            # takes them grouped by node, across all n rows rather than per chunk, so a deep
+            # level's node keeps all its rows in one slice.
+            order, node, sorted_node = None, torch.zeros(n, dtype=torch.long, device=device), None
+            for level in range(self.depth):
+                for begin in range(0, n, chunk):
+                    if order is None:
+                        rows, x = slice(begin, begin + chunk), x_all[begin : begin + chunk]
+                        parents = node[rows]
+                    else:
+                        rows, parents = order[begin : begin + chunk], sorted_node[begin : begin + chunk]
+                        x = torch.index_select(x_all, 0, rows, out=gathered[: len(rows)])
+                    if x.dtype != torch.float32:
+                        x = converted[: len(x)].copy_(x)
+                    out[rows, level] = _descend(x, parents, self.levels[level], centroid_bias[level])
+                node = node * self.k + out[:, level]
+                if level + 1 < self.depth:
+                    sorted_node, order = torch.sort(node, stable=True)
         return out.cpu().numpy()
 
     def assign(self, features: np.ndarray | torch.Tensor, batch_size: int | None = None) -> np.ndarray:
