@@ -152,6 +152,26 @@ def test_batched_kmeans_masks_padding_and_reseeds_empty_clusters():
     assert torch.equal(centroids[0, labels[0]], dup)  # every point sits on its own centroid
 
 
+def test_kmeans_plus_plus_seeds_alike_from_a_gram_matrix_or_from_the_points(monkeypatch):
+    # Small nodes read their dot products from a Gram matrix; the seeds must be the ones the
+    # direct path picks from the same random draws, padding never drawn.
+    rng = np.random.default_rng(2)
+    points = torch.as_tensor(rng.normal(size=(3, 50, 16)).astype(np.float32))
+    counts = torch.tensor([50, 31, 13])
+    x_sq = codebook_module._squared_norms(points)
+
+    def seeds() -> torch.Tensor:
+        generator = torch.Generator().manual_seed(7)
+        return codebook_module._kmeans_plus_plus_batched(points, x_sq, counts, 8, generator)
+
+    assert codebook_module.GRAM_ROWS >= 50
+    from_gram = seeds()
+    monkeypatch.setattr(codebook_module, "GRAM_ROWS", 0)
+    assert torch.equal(from_gram, seeds())
+    assert bool((from_gram < counts[:, None]).all())
+    assert all(len(set(row.tolist())) == 8 for row in from_gram)  # distinct points: no repeats
+
+
 def test_batched_kmeans_takes_the_same_steps_as_per_node_kmeans_from_the_same_seeds(monkeypatch):
     # Seeds forced alike on both paths: the Lloyd steps, early stop and empty-cluster
     # re-seeding must then agree. All four seeds on one point leave three clusters empty.

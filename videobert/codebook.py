@@ -64,6 +64,9 @@ GALLERY_FILE = "gallery.png"
 INIT_SAMPLE = 2048
 BATCH_FIT_ROWS = 1024
 BATCH_FIT_ELEMENTS = 1 << 23
+# k-means++ on nodes of at most GRAM_ROWS points reads its dot products from one Gram matrix
+# per node: 2x faster seeding at ~58 rows (depth 4's last level), no gain at 200+ rows.
+GRAM_ROWS = 128
 # Assignment tuning, measured on a 2-core EPYC (32 MB L3). Each level visits all rows grouped
 # by node (one argsort of the whole input per level), gathered in chunks of about CHUNK_BYTES
 # of float32, so a deep node's rows stay together whatever the chunk size (at depth 4, dim
@@ -252,8 +255,17 @@ def _kmeans_plus_plus_batched(
         (torch.rand(nodes, 1, generator=generator, device=device) * counts[:, None]).long(), last
     )
     chosen = [first]
+    # Dot products of every point with chosen ones: (B, P, J). For small nodes, one Gram
+    # matrix up front is cheaper than k - 1 skinny matmuls that each stream every point.
+    gram = torch.bmm(points, points.transpose(1, 2)) if size <= GRAM_ROWS else None
+
+    def dots_with(index: torch.Tensor) -> torch.Tensor:
+        if gram is not None:
+            return torch.gather(gram, 2, index[:, None, :].expand(-1, size, -1))
+        return torch.bmm(points, _pick(points, index).transpose(1, 2))
+
     # torch.gather rather than advanced indexing throughout: far less per-call overhead.
-    dots = torch.bmm(points, _pick(points, first).transpose(1, 2))[:, :, 0]  # (B, P)
+    dots = dots_with(first)[:, :, 0]  # (B, P)
     closest = (x_sq - 2 * dots + torch.gather(x_sq, 1, first)).clamp_min_(0.0) * valid
     for _ in range(1, k):
         # All-zero weights (every point on a centroid) draw the last point: a harmless duplicate.
@@ -261,12 +273,11 @@ def _kmeans_plus_plus_batched(
         draws = torch.rand(nodes, trials, generator=generator, device=device) * cdf[:, -1:]
         candidates = torch.minimum(torch.searchsorted(cdf, draws, right=True), last)  # (B, T)
         # (B, P, T) rather than (B, T, P): this bmm is ~2x faster with the short side last.
-        distance = torch.baddbmm(
-            x_sq[:, :, None] + torch.gather(x_sq, 1, candidates)[:, None, :],
-            points,
-            _pick(points, candidates).transpose(1, 2),
-            alpha=-2.0,
-        ).clamp_min_(0.0)
+        distance = (
+            (x_sq[:, :, None] + torch.gather(x_sq, 1, candidates)[:, None, :])
+            .sub_(dots_with(candidates), alpha=2.0)
+            .clamp_min_(0.0)
+        )
         potential = torch.minimum(closest[:, :, None], distance)  # padding stays 0, as `closest`
         best = potential.sum(1).argmin(1, keepdim=True)  # (B, 1)
         chosen.append(torch.gather(candidates, 1, best))
