@@ -9,7 +9,9 @@ distance to the leaf centroid), and the ratios ours/faiss. Fit is timed best of
 subsampled, faiss full, ours, ...) so load on a shared box hits all alike; both sides group
 rows by parent with one sort per level. `--threads` sets torch's and faiss's (OpenMP) thread
 counts alike; on a loaded box 1 thread is the steadier figure. `--max-points-per-centroid 256`
-gives ours faiss's default training subsample too (an extra "ours subsampled" row).
+gives ours faiss's default training subsample too (an extra "ours subsampled" row), and
+`--init-trials 1` adds "ours fast": that subsample and classic k-means++ seeding
+(`codebook.max_points_per_centroid` and `codebook.init_trials` in the config).
 
     python benchmarks/bench_codebook.py --n 100000 --dim 1024 --k 12 --depth 2
 """
@@ -120,6 +122,12 @@ def main() -> None:
     parser.add_argument(
         "--max-points-per-centroid", type=int, default=None, help="also run ours with this training subsample"
     )
+    parser.add_argument(
+        "--init-trials",
+        type=int,
+        default=None,
+        help="with --max-points-per-centroid: also this k-means++ rule",
+    )
     args = parser.parse_args()
     if args.threads:
         import faiss
@@ -132,7 +140,7 @@ def main() -> None:
         f"threads={torch.get_num_threads()} fit best of {args.fit_repeats}, assign best of {args.repeats}"
     )
 
-    def ours(max_points_per_centroid=None):
+    def ours(max_points_per_centroid=None, init_trials=None):
         return lambda: HierarchicalCodebook.fit(
             x,
             args.k,
@@ -141,11 +149,14 @@ def main() -> None:
             iterations=args.iterations,
             device=args.device,
             max_points_per_centroid=max_points_per_centroid,
+            init_trials=init_trials,
         )
 
     legs = {"ours (torch)": ours()}
     if args.max_points_per_centroid:
         legs["ours subsampled"] = ours(args.max_points_per_centroid)
+        if args.init_trials:
+            legs["ours fast"] = ours(args.max_points_per_centroid, args.init_trials)
     for full in (False, True):
         fit = FaissTree(args.k, args.depth, args.iterations, 0, full).fit
         legs[f"faiss {'full' if full else 'subsampled'}"] = lambda fit=fit: fit(x)

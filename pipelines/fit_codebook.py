@@ -100,7 +100,15 @@ def fit_on_cluster(
     import ray
 
     c = config.codebook
-    kwargs = {"k": c.k, "depth": c.depth, "seed": c.seed, "iterations": c.iterations, "encoder": encoder}
+    kwargs = {
+        "k": c.k,
+        "depth": c.depth,
+        "seed": c.seed,
+        "iterations": c.iterations,
+        "encoder": encoder,
+        "max_points_per_centroid": c.max_points_per_centroid,
+        "init_trials": c.init_trials,
+    }
     if ray.cluster_resources().get("GPU", 0) < 1:
         return HierarchicalCodebook.fit(features, **kwargs)
     task = ray.remote(num_gpus=1, num_cpus=1)(HierarchicalCodebook.fit)
@@ -167,6 +175,8 @@ def log_to_mlflow(
                 "sample_size": meta["sample_size"],
                 "seed": meta["seed"],
                 "iterations": meta["iterations"],
+                "max_points_per_centroid": meta.get("max_points_per_centroid"),
+                "init_trials": meta.get("init_trials"),
                 "encoder": meta.get("encoder"),
             }
         )

@@ -61,6 +61,8 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         (["decode.fps=fast"], "decode.fps: expected a number"),
         (["decode.clip_frames=1.5"], "decode.clip_frames: expected an integer"),
         (["codebook.refit=maybe"], "codebook.refit: expected true or false"),
+        (["codebook.init_trials=0"], "codebook.init_trials must be >= 1"),
+        (["codebook.max_points_per_centroid=-5"], "codebook.max_points_per_centroid must be >= 1"),
         (["decode.fps=0"], "decode.fps must be > 0"),
         (["encoder.dtype=fp8"], "encoder.dtype"),
         (["encoder.name=i3d"], "encoder.name"),

@@ -152,8 +152,14 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
     after = mtimes(tokens_dir)
 
     # New codebook version: everything under a new directory; the old one is untouched.
-    other = fit_codebook.run(config_for(str(tmp_path), tmp_path, "codebook.refit=true", "codebook.seed=5"))
+    # (Fitted the fast way: the config's training subsample and seeding reach the fit.)
+    fast = ("codebook.max_points_per_centroid=3", "codebook.init_trials=1")
+    other = fit_codebook.run(
+        config_for(str(tmp_path), tmp_path, "codebook.refit=true", "codebook.seed=5", *fast)
+    )
     assert other["codebook_version"] != fitted["codebook_version"]
+    other_meta = HierarchicalCodebook.load(other["codebook_uri"]).metadata
+    assert (other_meta["max_points_per_centroid"], other_meta["init_trials"]) == (3, 1)
     assert latest_codebook(output, k=2, depth=2) == other["codebook_uri"]
     fourth = tokenize.run(config)
     assert fourth["codebook_version"] == other["codebook_version"] and fourth["videos_tokenized"] == 5

@@ -118,6 +118,12 @@ class CodebookConfig:
     """Features sampled from features/ to fit the codebook."""
     iterations: int = 50
     """Max Lloyd iterations per node."""
+    max_points_per_centroid: int | None = None
+    """Train each node on at most this many points per centroid (faiss's default is 256);
+    None trains on every point (best inertia). Every point is labelled either way."""
+    init_trials: int | None = None
+    """k-means++ candidates per seed: None is 2 + ln k (scikit-learn's greedy rule), 1 is
+    classic k-means++ (faster, slightly higher inertia)."""
     seed: int = 0
     """Seed for sampling and k-means++ initialisation."""
     refit: bool = False
@@ -128,6 +134,10 @@ class CodebookConfig:
     def __post_init__(self) -> None:
         if self.k < 2 or self.depth < 1:
             raise ConfigError("codebook.k must be >= 2 and codebook.depth >= 1")
+        for name in ("max_points_per_centroid", "init_trials"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"codebook.{name} must be >= 1, or null for the default")
 
     @property
     def vocab_size(self) -> int:
