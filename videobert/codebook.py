@@ -569,8 +569,8 @@ class HierarchicalCodebook:
         point, outside the 2% we hold the fit to; it is there for samples too big otherwise.
 
         `init_trials`: k-means++ candidates tried per seed (default 2 + ln k, scikit-learn's
-        greedy rule); 1 is classic k-means++, ~10-25% faster with 256 points per centroid at
-        up to 6% higher inertia (see BENCHMARKS.md).
+        greedy rule); 1 is classic k-means++: ~10% faster with 256 points per centroid, at up
+        to 4% higher inertia (10-15% and up to 6% on every point; see BENCHMARKS.md).
         """
         started = time.perf_counter()
         device = torch.device(device) if device is not None else default_device()
