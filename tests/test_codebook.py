@@ -156,7 +156,7 @@ def test_kmeans_plus_plus_seeds_alike_from_a_gram_matrix_or_from_the_points(monk
     # Small nodes read their dot products from a Gram matrix; the seeds must be the ones the
     # direct path picks from the same random draws, padding never drawn.
     rng = np.random.default_rng(2)
-    points = torch.as_tensor(rng.normal(size=(3, 50, 16)).astype(np.float32))
+    points = torch.as_tensor(rng.normal(size=(3, 50, 64)).astype(np.float32))  # Gram: P <= dim
     counts = torch.tensor([50, 31, 13])
     x_sq = codebook_module._squared_norms(points)
 

@@ -64,8 +64,9 @@ GALLERY_FILE = "gallery.png"
 INIT_SAMPLE = 2048
 BATCH_FIT_ROWS = 1024
 BATCH_FIT_ELEMENTS = 1 << 23
-# k-means++ on nodes of at most GRAM_ROWS points reads its dot products from one Gram matrix
-# per node: 2x faster seeding at ~58 rows (depth 4's last level), no gain at 200+ rows.
+# k-means++ on nodes of at most GRAM_ROWS points (and no more than dim) reads its dot products
+# from one Gram matrix per node: 2x faster seeding at ~58 rows (depth 4's last level), no
+# gain at 200+ rows.
 GRAM_ROWS = 128
 # Assignment tuning, measured on a 2-core EPYC (32 MB L3). Each level visits all rows grouped
 # by node (one argsort of the whole input per level), gathered in chunks of about CHUNK_BYTES
@@ -270,12 +271,15 @@ def _kmeans_plus_plus_batched(
     )
     chosen = [first]
     # Dot products of every point with chosen ones: (B, P, J). For small nodes, one Gram
-    # matrix up front is cheaper than k - 1 skinny matmuls that each stream every point.
-    gram = torch.bmm(points, points.transpose(1, 2)) if size <= GRAM_ROWS else None
+    # matrix up front is cheaper than k - 1 skinny matmuls that each stream every point
+    # (only while it is no bigger than the points themselves, P <= dim).
+    use_gram = size <= min(GRAM_ROWS, points.shape[2])
+    gram = torch.bmm(points, points.transpose(1, 2)) if use_gram else None
 
     def dots_with(index: torch.Tensor) -> torch.Tensor:
         if gram is not None:
             return torch.gather(gram, 2, index[:, None, :].expand(-1, size, -1))
+        # (B, P, J) rather than (B, J, P): this bmm is ~2x faster with the short side last.
         return torch.bmm(points, _pick(points, index).transpose(1, 2))
 
     # torch.gather rather than advanced indexing throughout: far less per-call overhead.
@@ -286,7 +290,6 @@ def _kmeans_plus_plus_batched(
         cdf = torch.cumsum(closest, 1)
         draws = torch.rand(nodes, trials, generator=generator, device=device) * cdf[:, -1:]
         candidates = torch.minimum(torch.searchsorted(cdf, draws, right=True), last)  # (B, T)
-        # (B, P, T) rather than (B, T, P): this bmm is ~2x faster with the short side last.
         distance = (
             (x_sq[:, :, None] + torch.gather(x_sq, 1, candidates)[:, None, :])
             .sub_(dots_with(candidates), alpha=2.0)
