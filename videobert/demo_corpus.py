@@ -21,6 +21,7 @@ import io
 import logging
 import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 
 import av
@@ -202,15 +203,27 @@ def render_frames(video: DemoVideo, spec: DemoSpec) -> np.ndarray:
 
 
 def encode_mp4(frames: np.ndarray, fps: int) -> bytes:
-    """H.264 in MP4, single-threaded so the bytes are the same on every run."""
+    """H.264 in MP4, byte-identical on every run.
+
+    Three things vary the bytes from run to run, each measured on this corpus: x264's threads
+    (PyAV's `threads` option does not reach it, so one thread is pinned on the codec context),
+    frames without timestamps (rate control reads them), and macroblock-tree rate control,
+    which still differed in 1 of 3 videos over 10 single-threaded encodes (`mbtree=0`).
+    """
     buffer = io.BytesIO()
+    time_base = Fraction(1, fps)
     with av.open(buffer, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
-        stream.options = {"crf": "20", "preset": "medium", "threads": "1"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+        stream.options = {"crf": "20", "preset": "medium", "x264-params": "mbtree=0"}
+        stream.codec_context.time_base = time_base
+        stream.codec_context.thread_count = 1
+        stream.codec_context.thread_type = "NONE"
+        for index, frame in enumerate(frames):
+            picture = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            picture.pts, picture.time_base = index, time_base
+            for packet in stream.encode(picture):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
