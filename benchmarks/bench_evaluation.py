@@ -1,4 +1,4 @@
-"""Evaluation metrics: ours (numpy, videobert.evaluation) against scikit-learn, same inputs, same run.
+"""Evaluation metrics: ours (numpy, videobert.metrics) against scikit-learn, same inputs, same run.
 
     .venv/bin/python benchmarks/bench_evaluation.py [--n 1000000]
 
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from videobert import evaluation as ev
+from videobert.metrics import confusion_matrix, roc_auc, top_k_accuracy
 
 
 def best_of(repeats: int, fn: Callable[[], Any]) -> tuple[float, Any]:
@@ -45,15 +45,15 @@ def main() -> None:
     predictions = class_scores.argmax(1)
     cases = {
         "roc_auc": (
-            lambda: ev.roc_auc(scores, labels),
+            lambda: roc_auc(scores, labels),
             lambda: metrics.roc_auc_score(labels, scores),
         ),
         "top_5_accuracy": (
-            lambda: ev.top_k_accuracy(class_scores, targets, k=5),
+            lambda: top_k_accuracy(class_scores, targets, k=5),
             lambda: metrics.top_k_accuracy_score(targets, class_scores, k=5, labels=np.arange(args.classes)),
         ),
         "confusion_matrix": (
-            lambda: ev.confusion_matrix(targets, predictions, args.classes),
+            lambda: confusion_matrix(targets, predictions, args.classes),
             lambda: metrics.confusion_matrix(targets, predictions, labels=np.arange(args.classes)),
         ),
     }

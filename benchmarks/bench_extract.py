@@ -53,7 +53,7 @@ def plain_loop(config: ExperimentConfig) -> int:
 
         for clip in iter_clips(obj.uri, config.decode):
             batch.append(clip)
-            if len(batch) == config.encoder.batch_size:
+            if len(batch) == config.encoder.clips_per_batch:
                 flush()
         if batch:
             flush()
@@ -96,7 +96,7 @@ def main() -> int:
             "decode.clip_frames=8",
             f"decode.size={args.size}",
             "encoder.weights=none",
-            "encoder.batch_size=8",
+            "encoder.clips_per_batch=8",
         ]
         peer_config = load_config(None, [*overrides, f"output={tmp / 'peer'}"])
         ours_config = load_config(None, [*overrides, f"output={tmp / 'ours'}"])

@@ -56,7 +56,7 @@ def main() -> int:
     torch.backends.cudnn.benchmark = True  # both sides get the same cuDNN autotuning
 
     encoder = ClipEncoder(
-        EncoderConfig(weights="none", batch_size=args.batch, dtype="auto"), device=args.device
+        EncoderConfig(weights="none", clips_per_batch=args.batch, dtype="auto"), device=args.device
     )
     rng = np.random.default_rng(0)
     host_clips = rng.integers(0, 256, size=(args.batch, args.frames, args.size, args.size, 3), dtype=np.uint8)

@@ -9,7 +9,7 @@ runs `tokenize` once untimed (starts Ray, trains the text tokenizer). Then, alte
   removed first), i.e. the Ray Data actor pool, actor start-up included;
 - peer: a plain loop in this process doing the same per-video work: read features, assign
   visual words, parse the transcript, align, encode text, write one file per video
-  (`VideoTokenizer` called directly, codebook load included), into a scratch directory.
+  (`TokenShardWriter` called directly, codebook load included), into a scratch directory.
 
 Both must produce the same token rows. Reports segments/s and clips/s (best round) and the
 throughput ratio ours/peer.
@@ -34,7 +34,7 @@ from tests.feature_corpus import vtt_cues, write_video  # noqa: E402
 from videobert import storage  # noqa: E402
 from videobert.config import ExperimentConfig, load_config  # noqa: E402
 from videobert.tables import Layout, read_manifest  # noqa: E402
-from videobert.token_shards import VideoTokenizer, read_tokens  # noqa: E402
+from videobert.token_shards import TokenShardWriter, read_tokens  # noqa: E402
 
 
 def write_corpus(config: ExperimentConfig, videos: int, clips: int) -> None:
@@ -59,7 +59,7 @@ def run_peer(config: ExperimentConfig, summary: dict, scratch: str) -> int:
     manifest = read_manifest(config.output)
     ids, transcripts = manifest["video_id"].to_pylist(), manifest["transcript_uri"].to_pylist()
     codebook_uri = Layout(config.output).codebook(summary["codebook_version"])
-    body = VideoTokenizer(
+    body = TokenShardWriter(
         config.output,
         codebook_uri,
         summary["tokenizer_uri"],

@@ -57,8 +57,8 @@ def worker(rank: int, stage: int, args: argparse.Namespace, port: int, results: 
         torch.cuda.set_device(rank % torch.cuda.device_count())
     from videobert import training
     from videobert.config import TrainConfig
-    from videobert.examples import ExampleBuilder
     from videobert.model import JointVocab, build_model
+    from videobert.training_examples import ExampleBuilder
 
     training.init_distributed(use_gpu=cuda)
     baseline = rss_mib()

@@ -47,7 +47,7 @@ from videobert import storage, tables
 from videobert.config import ConfigError, DecodeConfig, EncoderConfig, ExperimentConfig, S3Config
 
 if TYPE_CHECKING:  # mlflow and torch load only when the stage runs
-    from videobert.tracking import ModelVersionInfo
+    from videobert.registry import ModelVersionInfo
 
 log = logging.getLogger("videobert.embed")
 
@@ -136,8 +136,8 @@ class EmbedActor:
     def __init__(self, model_uri: str, tracking_uri: str, codebook_uri: str, s3: S3Config) -> None:
         import torch
 
-        from videobert.mlflow_utils import use_tracking_uri
-        from videobert.tracking import load_registered_model
+        from videobert.registry import load_registered_model
+        from videobert.tracking import use_tracking_uri
 
         use_tracking_uri(tracking_uri)  # a fresh worker process: point it at the registry
         model, self.vocab, meta = load_registered_model(model_uri)
@@ -355,7 +355,7 @@ def decode_words(
                 "s3": config.s3,
                 "codebook_uri": codebook_uri,
             },
-            batch_size=config.encoder.batch_size,
+            batch_size=config.encoder.clips_per_batch,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=actors),
             num_gpus=gpus,
@@ -390,9 +390,9 @@ def embed_items(
     """Pass 2: the model over the videos' words; yields result rows (RESULT_SCHEMA) as they come."""
     import ray
 
-    from videobert.mlflow_utils import tracking_uri
+    from videobert.tracking import tracking_uri
 
-    num_batches = math.ceil(len(items) / config.embed.batch_size)
+    num_batches = math.ceil(len(items) / config.embed.videos_per_batch)
     actors, gpus = embed_pool(config, num_batches)
     dataset = ray.data.from_items(items, override_num_blocks=num_batches).map_batches(
         EmbedActor,
@@ -402,7 +402,7 @@ def embed_items(
             "codebook_uri": codebook_uri,
             "s3": config.s3,
         },
-        batch_size=config.embed.batch_size,
+        batch_size=config.embed.videos_per_batch,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=actors),
         num_gpus=gpus,
@@ -417,8 +417,8 @@ def run(config: ExperimentConfig) -> EmbedSummary:
     # Modules that pull in mlflow and torch are imported here, so `--help` answers at once.
     from videobert.codebook import METADATA_FILE
     from videobert.features import encoder_id, load_weights
-    from videobert.mlflow_utils import tracking_uri, use_tracking_uri
-    from videobert.tracking import resolve_model_version
+    from videobert.registry import resolve_model_version
+    from videobert.tracking import tracking_uri, use_tracking_uri
 
     started = time.perf_counter()
     s3 = config.s3

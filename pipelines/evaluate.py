@@ -22,15 +22,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from pipelines.common import init_ray, stage_main
-from videobert import evaluation, storage
+from videobert import reports, storage
 from videobert.config import ConfigError, ExperimentConfig
-from videobert.model_eval import (
+from videobert.evaluation import (
     HeldOut,
     ZeroShotItem,
     alignment_metrics,
     in_holdout,
     mlm_metrics,
-    retrieval_metrics,
+    retrieval_eval,
     rows_to_columns,
     zero_shot,
 )
@@ -95,9 +95,9 @@ def evaluate_model(
     """Load the model, score it on the held-out split; returns metrics, plot files and model info."""
     import torch
 
-    from videobert.mlflow_utils import tracking_uri, use_tracking_uri
+    from videobert.registry import load_registered_model
     from videobert.text_tokenizer import TextTokenizer
-    from videobert.tracking import load_registered_model
+    from videobert.tracking import tracking_uri, use_tracking_uri
 
     use_tracking_uri(tracking_uri(config))  # this may run in a Ray worker process
     model, vocab, meta = load_registered_model(model_uri)
@@ -117,7 +117,7 @@ def evaluate_model(
     metrics |= mlm_metrics(model, vocab, rows, max_len, seed=config.train.seed)
     align, probabilities, labels = alignment_metrics(model, vocab, rows, max_len, seed=config.train.seed)
     metrics |= align
-    retrieval, ranks = retrieval_metrics(model, vocab, rows, max_len)
+    retrieval, ranks = retrieval_eval(model, vocab, rows, max_len)
     metrics |= retrieval
     tokenizer = TextTokenizer.load(Layout(config.output).tokenizer(meta["tokenizer_version"]), config.s3)
     items = zero_shot_items(config, holdout, set(rows.columns["video_id"]))
@@ -128,21 +128,21 @@ def evaluate_model(
     plots_dir = Path(tempfile.mkdtemp(prefix="videobert-eval-"))
     plots: dict[str, Path] = {}
     if len(labels) and len(set(labels.tolist())) == 2:
-        plots["alignment_roc.png"] = evaluation.plot_roc(
+        plots["alignment_roc.png"] = reports.plot_roc(
             probabilities, labels, plots_dir / "alignment_roc.png"
         )
     if len(ranks):
-        plots["retrieval_ranks.png"] = evaluation.plot_rank_histogram(
+        plots["retrieval_ranks.png"] = reports.plot_rank_histogram(
             ranks, plots_dir / "retrieval_ranks.png"
         )
     if zs_details:
-        plots["zero_shot_objects.png"] = evaluation.plot_confusion(
+        plots["zero_shot_objects.png"] = reports.plot_confusion(
             zs_details["object_confusion"],
             zs_details["objects"].tolist(),
             plots_dir / "zero_shot_objects.png",
             "Zero-shot objects",
         )
-        plots["zero_shot_verbs.png"] = evaluation.plot_confusion(
+        plots["zero_shot_verbs.png"] = reports.plot_confusion(
             zs_details["verb_confusion"],
             zs_details["verbs"].tolist(),
             plots_dir / "zero_shot_verbs.png",
@@ -156,8 +156,8 @@ def run(config: ExperimentConfig) -> EvaluationResult:
     import ray
     from mlflow import MlflowClient
 
-    from videobert.mlflow_utils import setup_experiment
-    from videobert.promotion import eval_tag
+    from videobert.registry import eval_tag
+    from videobert.tracking import setup_experiment
 
     setup_experiment(config)
     client = MlflowClient()
@@ -182,7 +182,7 @@ def run(config: ExperimentConfig) -> EvaluationResult:
         model_id = client.get_model_version(name, version).model_id
         mlflow.log_metrics(finite, model_id=model_id) if model_id else mlflow.log_metrics(finite)
         mlflow.log_text(
-            evaluation.markdown_report(
+            reports.markdown_report(
                 f"Evaluation of {name} v{version}",
                 finite,
                 notes={

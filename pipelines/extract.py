@@ -397,7 +397,7 @@ def run(config: ExperimentConfig) -> ExtractSummary:
             .map_batches(
                 FeatureActor,
                 fn_constructor_kwargs={"encoder": config.encoder, "decode": config.decode, "s3": config.s3},
-                batch_size=config.encoder.batch_size,
+                batch_size=config.encoder.clips_per_batch,
                 batch_format="numpy",
                 compute=ray.data.ActorPoolStrategy(size=actors),
                 num_gpus=gpus,

@@ -28,9 +28,9 @@ from videobert import storage
 from videobert.codebook import GALLERY_FILE, HierarchicalCodebook, latest_codebook
 from videobert.config import ExperimentConfig
 from videobert.gallery import ClipRef, gallery_png
-from videobert.mlflow_utils import setup_experiment
 from videobert.tables import Layout, read_manifest
 from videobert.token_shards import features_array
+from videobert.tracking import setup_experiment
 
 log = logging.getLogger("videobert.fit_codebook")
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from pipelines.common import init_ray, stage_main
 from videobert import storage
-from videobert.config import ConfigError, ExperimentConfig
+from videobert.config import ExperimentConfig
 from videobert.tables import Layout
 
 log = logging.getLogger("videobert.pretrain")
@@ -111,9 +111,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from videobert import training
-    from videobert.examples import ExampleBuilder
     from videobert.model import JointVocab, build_model, init_from_bert
     from videobert.tracking import MetricsLogger
+    from videobert.training_examples import ExampleBuilder
 
     config: ExperimentConfig = loop_config["config"]
     train = config.train
@@ -199,9 +199,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def continue_from_registered(model: Any, vocab: Any, loop_config: dict[str, Any], rank: int) -> None:
     """Initialise a fresh run from a registered version (train.resume_from_champion)."""
-    from videobert.mlflow_utils import use_tracking_uri
     from videobert.model import init_from_videobert
-    from videobert.tracking import load_registered_model
+    from videobert.registry import load_registered_model
+    from videobert.tracking import use_tracking_uri
 
     use_tracking_uri(loop_config["tracking_uri"])
     source, source_vocab, meta = load_registered_model(loop_config["init_model_uri"])
@@ -217,7 +217,7 @@ def champion_to_continue_from(config: ExperimentConfig) -> str | None:
         return None
     from mlflow import MlflowClient
 
-    from videobert.promotion import CHAMPION, alias_version
+    from videobert.registry import CHAMPION, alias_version
 
     name = config.mlflow.registered_model
     version = alias_version(MlflowClient(), name, CHAMPION)
@@ -236,18 +236,18 @@ def run(config: ExperimentConfig, fault: dict[str, Any] | None = None) -> Pretra
     from ray.train.torch import TorchTrainer
 
     from videobert import training
-    from videobert.mlflow_utils import setup_experiment, tracking_uri, use_tracking_uri
+    from videobert.evaluation import in_holdout
     from videobert.model import JointVocab, VideoBert, VideoBertConfig, load_weights
-    from videobert.model_eval import in_holdout
+    from videobert.registry import log_and_register_model
     from videobert.tracking import (
-        log_and_register_model,
         log_lineage,
         log_loss_curve,
+        setup_experiment,
         start_or_resume_run,
+        tracking_uri,
+        use_tracking_uri,
     )
 
-    if config.model.max_seq_len < 8:
-        raise ConfigError("model.max_seq_len must be >= 8")
     inputs = resolve_inputs(config)
     vocab = JointVocab(inputs.text_vocab, inputs.num_visual)
     uri = tracking_uri(config)

@@ -8,8 +8,8 @@ from mlflow import MlflowClient
 
 from pipelines.common import stage_main
 from videobert.config import ConfigError, ExperimentConfig
-from videobert.mlflow_utils import setup_experiment
-from videobert.promotion import CANDIDATE, PromotionDecision, alias_version, promote
+from videobert.registry import CANDIDATE, PromotionDecision, alias_version, promote
+from videobert.tracking import setup_experiment
 
 
 def run(config: ExperimentConfig) -> PromotionDecision:

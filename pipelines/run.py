@@ -27,9 +27,8 @@ from pipelines import evaluate, extract, fit_codebook, pretrain, promote, tokeni
 from pipelines.common import init_ray, stage_main
 from videobert import storage
 from videobert.config import ExperimentConfig
-from videobert.mlflow_utils import setup_experiment, tracking_uri
-from videobert.promotion import CANDIDATE, CHAMPION, alias_version
-from videobert.tracking import token_digest
+from videobert.registry import CANDIDATE, CHAMPION, alias_version
+from videobert.tracking import setup_experiment, token_digest, tracking_uri
 
 log = logging.getLogger("videobert.run")
 

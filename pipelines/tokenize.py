@@ -10,7 +10,7 @@
    missing or was made from other inputs: the tokens manifest
    (`tokens_manifest/<codebook>-<tokenizer>/`) records, per video, the source ETag, encoder
    and extract run of the features and the transcript's ETag it was made from. A pool of
-   `VideoTokenizer` actors (codebook loaded once, GPU when there is one) writes
+   `TokenShardWriter` actors (codebook loaded once, GPU when there is one) writes
    `<video_id>.parquet` per video (the same name, so a changed video's rows are replaced,
    never duplicated); the tokens-manifest rows are appended after the files. A rerun over
    unchanged inputs writes nothing; a new codebook or tokenizer version is a new directory.
@@ -43,7 +43,13 @@ from videobert.tables import (
     read_tokens_manifest,
 )
 from videobert.text_tokenizer import TextTokenizer, latest_tokenizer
-from videobert.token_shards import VideoTokenizer, inputs_key, load_sentences, token_inputs, transcript_etags
+from videobert.token_shards import (
+    TokenShardWriter,
+    inputs_key,
+    load_sentences,
+    token_inputs,
+    transcript_etags,
+)
 from videobert.transcripts import TranscriptError
 
 log = logging.getLogger("videobert.tokenize")
@@ -193,7 +199,7 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     results = (
         ray.data.from_items(items)
         .map_batches(
-            VideoTokenizer,
+            TokenShardWriter,
             fn_constructor_kwargs={
                 "output": output,
                 "codebook_uri": codebook_uri,

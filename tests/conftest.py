@@ -52,7 +52,7 @@ def _keep_mlflow_uri_env() -> Iterator[None]:
     """`mlflow.set_tracking_uri` / `set_registry_uri` (called by tests) also export
     MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which the pipeline and MLflow read as the user's
     choice: restore them so no test leaks its store (e.g. a live server) into the next."""
-    from videobert.mlflow_utils import preserved_uri_env
+    from videobert.tracking import preserved_uri_env
 
     with preserved_uri_env():
         yield

@@ -8,7 +8,9 @@ import torch
 from sklearn.metrics import adjusted_rand_score
 
 from videobert import codebook as codebook_module
-from videobert.codebook import HierarchicalCodebook, _kmeans_batched, kmeans, latest_codebook
+from videobert import kmeans as kmeans_module
+from videobert.codebook import HierarchicalCodebook, latest_codebook
+from videobert.kmeans import kmeans, kmeans_batched
 
 
 def planted(k: int, depth: int, per_leaf: int = 40, dim: int = 16, seed: int = 0):
@@ -134,8 +136,8 @@ def test_batched_kmeans_masks_padding_and_reseeds_empty_clusters():
         [[start + min(j, n - 1) for j in range(max(sizes))] for start, n in zip(starts, sizes, strict=True)]
     )
     counts = torch.as_tensor(sizes)
-    centroids, labels, inertia = _kmeans_batched(x, rows, counts, 3, torch.Generator().manual_seed(0), 50)
-    again = _kmeans_batched(x, rows, counts, 3, torch.Generator().manual_seed(0), 50)
+    centroids, labels, inertia = kmeans_batched(x, rows, counts, 3, torch.Generator().manual_seed(0), 50)
+    again = kmeans_batched(x, rows, counts, 3, torch.Generator().manual_seed(0), 50)
     assert all(torch.equal(a, b) for a, b in zip((centroids, labels, inertia), again, strict=True))
     for b, n in enumerate(sizes):
         points, own = x[rows[b, :n]], labels[b, :n]
@@ -145,7 +147,7 @@ def test_batched_kmeans_masks_padding_and_reseeds_empty_clusters():
         assert float(inertia[b]) == pytest.approx(float(((points - centroids[b, own]) ** 2).sum()), rel=1e-4)
     # 20 points with 3 distinct values and k 6: seeds repeat, clusters go empty and are re-seeded.
     dup = torch.as_tensor(np.repeat(np.eye(3, 4, dtype=np.float32) * 10, [10, 6, 4], axis=0))
-    centroids, labels, inertia = _kmeans_batched(
+    centroids, labels, inertia = kmeans_batched(
         dup, torch.arange(20)[None], torch.tensor([20]), 6, torch.Generator().manual_seed(0), 10
     )
     assert torch.isfinite(centroids).all() and float(inertia[0]) == 0.0
@@ -158,15 +160,15 @@ def test_kmeans_plus_plus_seeds_alike_from_a_gram_matrix_or_from_the_points(monk
     rng = np.random.default_rng(2)
     points = torch.as_tensor(rng.normal(size=(3, 50, 64)).astype(np.float32))  # Gram: P <= dim
     counts = torch.tensor([50, 31, 13])
-    x_sq = codebook_module._squared_norms(points)
+    x_sq = kmeans_module.squared_norms(points)
 
     def seeds() -> torch.Tensor:
         generator = torch.Generator().manual_seed(7)
-        return codebook_module._kmeans_plus_plus_batched(points, x_sq, counts, 8, generator)
+        return kmeans_module._kmeans_plus_plus_batched(points, x_sq, counts, 8, generator)
 
-    assert codebook_module.GRAM_ROWS >= 50
+    assert kmeans_module.GRAM_ROWS >= 50
     from_gram = seeds()
-    monkeypatch.setattr(codebook_module, "GRAM_ROWS", 0)
+    monkeypatch.setattr(kmeans_module, "GRAM_ROWS", 0)
     assert torch.equal(from_gram, seeds())
     assert bool((from_gram < counts[:, None]).all())
     assert all(len(set(row.tolist())) == 8 for row in from_gram)  # distinct points: no repeats
@@ -181,13 +183,11 @@ def test_batched_kmeans_takes_the_same_steps_as_per_node_kmeans_from_the_same_se
     x = torch.as_tensor(np.concatenate(nodes).astype(np.float32))
     seeds = torch.tensor([[0, 0, 0, 0], [5, 1, 2, 3]])
     rows = torch.stack([torch.arange(64).clamp_max(39), torch.arange(40, 104)])
-    monkeypatch.setattr(codebook_module, "_kmeans_plus_plus_batched", lambda *args, **kwargs: seeds)
-    centroids, labels, inertia = _kmeans_batched(x, rows, torch.tensor(sizes), k, torch.Generator(), 20)
+    monkeypatch.setattr(kmeans_module, "_kmeans_plus_plus_batched", lambda *args, **kwargs: seeds)
+    centroids, labels, inertia = kmeans_batched(x, rows, torch.tensor(sizes), k, torch.Generator(), 20)
     for b, n in enumerate(sizes):
         points = x[rows[b, :n]]
-        monkeypatch.setattr(
-            codebook_module, "_kmeans_plus_plus", lambda x, k, g, trials=None, b=b: x[seeds[b]]
-        )
+        monkeypatch.setattr(kmeans_module, "_kmeans_plus_plus", lambda x, k, g, trials=None, b=b: x[seeds[b]])
         own_centroids, own_labels, own_inertia = kmeans(points, k, torch.Generator(), 20)
         assert torch.equal(labels[b, :n], own_labels)
         assert torch.allclose(centroids[b], own_centroids, atol=1e-4)

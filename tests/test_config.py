@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
 
 from pipelines.cli import STAGES
 from pipelines.cli import main as cli_main
-from videobert.config import ConfigError, ExperimentConfig, config_to_yaml, flat_params, load_config
+from videobert.config import (
+    ConfigError,
+    DeprecatedConfigKeyWarning,
+    ExperimentConfig,
+    ModelRef,
+    config_to_yaml,
+    flat_params,
+    load_config,
+    parse_model_uri,
+)
+from videobert.model_sizes import MODEL_SIZES, ModelSize
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,18 +39,22 @@ def test_yaml_then_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("source: s3://bucket/videos\ndecode:\n  fps: 8\n  size: 64\nencoder:\n  weights: none\n")
     config = load_config(
-        path, ["decode.size=96", "encoder.batch_size=4", "decode.max_clips=null", "output=/tmp/o"]
+        path, ["decode.size=96", "encoder.clips_per_batch=4", "decode.max_clips=null", "output=/tmp/o"]
     )
     assert config.source == "s3://bucket/videos" and config.output == "/tmp/o"
     assert (config.decode.fps, config.decode.size, config.decode.max_clips) == (8.0, 96, None)
     assert isinstance(config.decode.fps, float)  # an int in YAML is coerced to the float field
-    assert (config.encoder.weights, config.encoder.batch_size) == ("none", 4)
+    assert (config.encoder.weights, config.encoder.clips_per_batch) == ("none", 4)
     assert load_config(path, ["decode.extensions=mp4, mkv"]).decode.extensions == ["mp4", "mkv"]
 
 
 def test_shipped_configs_load() -> None:
-    for path in sorted((REPO / "configs").glob("*.yaml")):
-        assert isinstance(load_config(path), ExperimentConfig), path
+    paths = sorted((REPO / "configs").glob("*.yaml"))
+    assert len(paths) >= 3
+    for path in paths:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no deprecated keys in what we ship
+            assert isinstance(load_config(path), ExperimentConfig), path
     demo = load_config(REPO / "configs/demo.yaml")
     assert demo.encoder.weights == "none" and demo.decode.size == 64
 
@@ -118,3 +134,104 @@ def test_cli_bad_config_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -
     with pytest.raises(SystemExit) as caught:  # argparse's --help
         cli_main(["extract", "--help"])
     assert caught.value.code == 0 and "--set" in capsys.readouterr().out
+
+
+def test_unknown_model_size_fails_at_load_listing_the_sizes() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["model.size=lareg"])
+    message = str(caught.value)
+    assert message.startswith("model.size: unknown size 'lareg'")
+    assert all(size in message for size in ("debug", "base", "large"))
+    assert load_config(None, ["model.size=debug"]).model.size == "debug"
+
+
+def test_max_seq_len_is_checked_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ConfigError, match=r"model\.max_seq_len must be >= 8"):
+        load_config(None, ["model.max_seq_len=7"])
+    assert load_config(None, ["model.max_seq_len=8"]).model.max_seq_len == 8
+    # A size with a position limit caps max_seq_len (the shipped sizes have none).
+    monkeypatch.setitem(MODEL_SIZES, "capped", ModelSize(64, 2, 2, 256, max_positions=32))
+    with pytest.raises(ConfigError, match=r"model\.max_seq_len must be <= 32"):
+        load_config(None, ["model.size=capped", "model.max_seq_len=33"])
+    assert load_config(None, ["model.size=capped", "model.max_seq_len=32"]).model.max_seq_len == 32
+
+
+def test_model_uris_follow_the_registered_model() -> None:
+    default = load_config()
+    assert default.evaluate.model_uri == "models:/videobert@candidate"
+    assert default.embed.model_uri == "models:/videobert@champion"
+    config = load_config(None, ["mlflow.registered_model=foo"])
+    assert config.evaluate.model_uri == "models:/foo@candidate"
+    assert config.embed.model_uri == "models:/foo@champion"
+    # an explicit URI wins, and survives a dump and reload
+    pinned = load_config(None, ["mlflow.registered_model=foo", "embed.model_uri=models:/bar/3"])
+    assert (pinned.evaluate.model_uri, pinned.embed.model_uri) == ("models:/foo@candidate", "models:/bar/3")
+    assert load_config(None, ["embed.model_uri=models:/bar/3"]) != pinned
+
+
+def test_round_trip_keeps_resolved_uris(tmp_path: Path) -> None:
+    config = load_config(None, ["mlflow.registered_model=foo"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(config_to_yaml(config))
+    assert load_config(path) == config
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("evaluate.model_uri=videobert", "evaluate.model_uri"),
+        ("evaluate.model_uri=models:/videobert/3", "evaluate.model_uri must name an alias"),
+        ("evaluate.model_uri=models:/videobert@", "evaluate.model_uri"),
+        ("embed.model_uri=videobert@champion", "embed.model_uri"),
+        ("embed.model_uri=models:/videobert", "embed.model_uri"),
+        ("embed.model_uri=models:/videobert/three", "embed.model_uri"),
+        ("embed.model_uri=models:/@champion", "embed.model_uri"),
+        ("mlflow.registered_model=", "mlflow.registered_model"),
+    ],
+)
+def test_bad_model_uri_fails_at_load(override: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_config(None, [override])
+
+
+def test_parse_model_uri() -> None:
+    assert parse_model_uri("models:/videobert@champion") == ModelRef("videobert", "champion", None)
+    assert parse_model_uri("models:/videobert/12") == ModelRef("videobert", None, "12")
+    name, alias, version = parse_model_uri("models:/a/b@c")  # unpacks like the registry's tuple
+    assert (name, alias, version) == ("a/b", "c", None)
+    with pytest.raises(ConfigError, match="models:/<name>@<alias>"):
+        parse_model_uri("runs:/abc/model")
+
+
+@pytest.mark.parametrize(
+    "old, new, attribute",
+    [
+        ("encoder.batch_size", "encoder.clips_per_batch", ("encoder", "clips_per_batch")),
+        ("embed.batch_size", "embed.videos_per_batch", ("embed", "videos_per_batch")),
+    ],
+)
+def test_deprecated_batch_size_keys_still_load_with_a_warning(
+    old: str, new: str, attribute: tuple[str, str], tmp_path: Path
+) -> None:
+    with pytest.warns(DeprecatedConfigKeyWarning, match=re.escape(f"{old} is deprecated: use {new}")):
+        config = load_config(None, [f"{old}=4"])
+    section, name = attribute
+    assert getattr(getattr(config, section), name) == 4
+    # the same from a YAML file
+    path = tmp_path / "old.yaml"
+    path.write_text(f"{section}:\n  batch_size: 3\n")
+    with pytest.warns(DeprecatedConfigKeyWarning, match=re.escape(new)):
+        assert getattr(getattr(load_config(path), section), name) == 3
+    params = flat_params(config)  # MLflow params carry the new name only
+    assert params[new] == 4 and old not in params
+
+
+def test_deprecated_and_new_key_together_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"encoder\.batch_size and encoder\.clips_per_batch are both set"):
+        load_config(None, ["encoder.batch_size=4", "encoder.clips_per_batch=8"])
+    with pytest.raises(ConfigError, match=r"embed\.batch_size and embed\.videos_per_batch are both set"):
+        load_config(None, ["embed.videos_per_batch=8", "embed.batch_size=4"])
+    # train.batch_size is not an alias: it keeps its own meaning (sequences per step)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert load_config(None, ["train.batch_size=64"]).train.batch_size == 64

@@ -13,8 +13,8 @@ import pytest
 
 from pipelines import demo_corpus as stage
 from videobert import storage
-from videobert.config import load_config
-from videobert.demo_corpus import OBJECTS, DemoSpec, generate_corpus, sample_videos
+from videobert.config import ConfigError, DemoConfig, load_config
+from videobert.demo_corpus import ACTIONS, OBJECTS, DemoSpec, generate_corpus, sample_videos
 
 SMALL = DemoSpec(objects=2, actions=3, videos_per_class=1, seconds=4.0)
 CUE_TIME = re.compile(r"^(\d\d):(\d\d):(\d\d)\.(\d\d\d) --> (\d\d):(\d\d):(\d\d)\.(\d\d\d)$")
@@ -140,8 +140,27 @@ def test_stage_cli_default_size_and_labels_path(tmp_path: Path, capsys: pytest.C
     assert {(r["verb"], r["object"]) for r in rows} == {
         (v, o) for v in ("slide", "lift", "spin") for o in ("circle", "square", "triangle", "star")
     }
-    assert stage.main(["--objects", "99", "--set", f"source={source}"]) == 2
+    assert stage.main(["--set", "demo.objects=99", "--set", f"source={source}"]) == 2
+    assert "demo.objects must be in 1..6" in capsys.readouterr().err
     assert stage.main(["--set", "nonsense.key=1"]) == 2
+
+
+def test_demo_section_builds_the_spec() -> None:
+    """`--set demo.*` reaches the generator; the config's defaults and limits are DemoSpec's."""
+    config = load_config(
+        "configs/demo.yaml", ["demo.videos_per_class=3", "demo.seed=7", "demo.objects=2", "demo.actions=5"]
+    )
+    assert stage.demo_spec(config.demo) == DemoSpec(objects=2, actions=5, videos_per_class=3, seed=7)
+    assert stage.demo_spec(DemoConfig()) == DemoSpec()
+    # DemoConfig copies these limits so the config loads without av; they must not drift
+    assert (DemoConfig.available_objects, DemoConfig.available_actions) == (len(OBJECTS), len(ACTIONS))
+    for override, key in [
+        ("demo.objects=0", "demo.objects"),
+        (f"demo.actions={len(ACTIONS) + 1}", "demo.actions"),
+        ("demo.videos_per_class=0", "demo.videos_per_class"),
+    ]:
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+            load_config(None, [override])
 
 
 def test_sample_videos_are_real_footage() -> None:

@@ -29,9 +29,9 @@ from videobert.config import ExperimentConfig, load_config
 from videobert.decode import iter_clips
 from videobert.embedding import embed_videos
 from videobert.features import ClipEncoder, encoder_id
-from videobert.mlflow_utils import use_tracking_uri
 from videobert.model import CLS, SEP, VIDEO_TYPE, JointVocab, VideoBert, build_model
-from videobert.tracking import log_and_register_model, resolve_model_version, start_or_resume_run
+from videobert.registry import log_and_register_model, resolve_model_version
+from videobert.tracking import start_or_resume_run, use_tracking_uri
 
 MAX_SEQ_LEN = 5  # 3 video tokens a pass: the 6-clip videos run as 2 chunks
 
@@ -66,9 +66,9 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
         "source": str(source),
         "output": str(root / "out"),
         "decode": {"fps": 8, "clip_frames": 8, "size": 64},
-        "encoder": {"weights": "none", "batch_size": 4},
+        "encoder": {"weights": "none", "clips_per_batch": 4},
         "extract": {"manifest_flush_every": 2},
-        "embed": {"batch_size": 2},
+        "embed": {"videos_per_batch": 2},
         "mlflow": {"tracking_uri": f"sqlite:///{root}/mlflow.db"},
     }
     config_path = root / "config.yaml"

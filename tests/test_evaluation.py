@@ -1,4 +1,4 @@
-"""Metric functions against hand-computed values and scikit-learn."""
+"""Metric functions against hand-computed values and scikit-learn; the report and its plots."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from videobert import evaluation as ev
+from videobert import metrics, reports
 
 
 def test_masked_token_accuracy_skips_ignored_positions() -> None:
@@ -15,42 +15,44 @@ def test_masked_token_accuracy_skips_ignored_positions() -> None:
         [[[0.1, 0.2, 0.9], [5.0, 0.0, 0.0]], [[0.0, 1.0, 0.5], [0.2, 0.3, 0.1]]], dtype=torch.bfloat16
     )
     labels = torch.tensor([[2, -100], [0, 1]])
-    assert ev.masked_token_counts(logits, labels) == (2, 3)
-    assert ev.masked_token_accuracy(logits, labels) == pytest.approx(2 / 3)
+    assert metrics.masked_token_counts(logits, labels) == (2, 3)
+    assert metrics.masked_token_accuracy(logits, labels) == pytest.approx(2 / 3)
     # already-argmaxed ids of the labels' shape work too
-    assert ev.masked_token_accuracy(np.array([2, 9, 0, 0]), np.array([2, -100, 0, 1])) == pytest.approx(2 / 3)
-    assert np.isnan(ev.masked_token_accuracy([1, 2], [-100, -100]))
+    assert metrics.masked_token_accuracy(np.array([2, 9, 0, 0]), np.array([2, -100, 0, 1])) == pytest.approx(
+        2 / 3
+    )
+    assert np.isnan(metrics.masked_token_accuracy([1, 2], [-100, -100]))
     with pytest.raises(ValueError, match="shape"):
-        ev.masked_token_accuracy(np.zeros(3), np.zeros(4))
+        metrics.masked_token_accuracy(np.zeros(3), np.zeros(4))
 
 
 def test_binary_accuracy_and_auc_by_hand() -> None:
     scores = [0.9, 0.8, 0.4, 0.6, 0.1]
     labels = [1, 1, 1, 0, 0]
     # threshold 0.5: predicted 1,1,0,1,0 -> right on 0,1,4 -> 3/5
-    assert ev.binary_accuracy(scores, labels) == pytest.approx(0.6)
+    assert metrics.binary_accuracy(scores, labels) == pytest.approx(0.6)
     # positive-negative pairs: (0.9,0.6)(0.9,0.1)(0.8,0.6)(0.8,0.1)(0.4,0.6)x(0.4,0.1) -> 5/6
-    assert ev.roc_auc(scores, labels) == pytest.approx(5 / 6)
+    assert metrics.roc_auc(scores, labels) == pytest.approx(5 / 6)
     # a tie between a positive and a negative counts half
-    assert ev.roc_auc([0.5, 0.5], [1, 0]) == pytest.approx(0.5)
-    assert ev.roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 0])) == pytest.approx(0.0)
+    assert metrics.roc_auc([0.5, 0.5], [1, 0]) == pytest.approx(0.5)
+    assert metrics.roc_auc(torch.tensor([0.1, 0.2]), torch.tensor([1, 0])) == pytest.approx(0.0)
     with pytest.raises(ValueError, match="positive"):
-        ev.roc_auc([0.1, 0.2], [1, 1])
+        metrics.roc_auc([0.1, 0.2], [1, 1])
     with pytest.raises(ValueError, match="0 or 1"):
-        ev.binary_accuracy([0.1], [2])
+        metrics.binary_accuracy([0.1], [2])
 
 
 def test_top_k_accuracy_by_hand() -> None:
     scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.3, 0.3, 0.4]])
     targets = [1, 2, 0]
     # row 0: rank 1; row 1: rank 3; row 2: target 0.3 tied with class 1 below 0.4 -> rank 2 or 3
-    assert ev.top_k_accuracy(scores, targets, k=1) == pytest.approx(1 / 3)
-    assert ev.top_k_accuracy(scores, targets, k=2) == pytest.approx((1 + 0 + 0.5) / 3)
-    assert ev.top_k_accuracy(scores, targets, k=3) == pytest.approx(1.0)
+    assert metrics.top_k_accuracy(scores, targets, k=1) == pytest.approx(1 / 3)
+    assert metrics.top_k_accuracy(scores, targets, k=2) == pytest.approx((1 + 0 + 0.5) / 3)
+    assert metrics.top_k_accuracy(scores, targets, k=3) == pytest.approx(1.0)
     # constant scores are worth exactly chance, never a perfect score
-    assert ev.top_k_accuracy(np.zeros((4, 4)), [0, 1, 2, 3], k=1) == pytest.approx(0.25)
+    assert metrics.top_k_accuracy(np.zeros((4, 4)), [0, 1, 2, 3], k=1) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="outside"):
-        ev.top_k_accuracy(scores, [0, 1, 3])
+        metrics.top_k_accuracy(scores, [0, 1, 3])
 
 
 def test_retrieval_metrics_by_hand() -> None:
@@ -62,46 +64,46 @@ def test_retrieval_metrics_by_hand() -> None:
             [0.2, 0.9, 0.4],  # rank 2
         ]
     )
-    assert ev.retrieval_ranks(scores).tolist() == [1.0, 3.0, 2.0]
-    metrics = ev.retrieval_metrics(scores, ks=(1, 2, 10))
-    assert metrics == pytest.approx(
+    assert metrics.retrieval_ranks(scores).tolist() == [1.0, 3.0, 2.0]
+    recalls_and_rank = metrics.retrieval_metrics(scores, ks=(1, 2, 10))
+    assert recalls_and_rank == pytest.approx(
         {"recall_at_1": 1 / 3, "recall_at_2": 2 / 3, "recall_at_10": 1.0, "median_rank": 2.0}
     )
     # explicit targets: two queries for the same gallery item
-    assert ev.retrieval_ranks(scores[:2], targets=[0, 0]).tolist() == [1.0, 2.0]
+    assert metrics.retrieval_ranks(scores[:2], targets=[0, 0]).tolist() == [1.0, 2.0]
     # all tied: expected rank is the middle
-    assert ev.retrieval_metrics(np.ones((5, 5)))["median_rank"] == pytest.approx(3.0)
+    assert metrics.retrieval_metrics(np.ones((5, 5)))["median_rank"] == pytest.approx(3.0)
 
 
 def test_confusion_matrix_by_hand() -> None:
-    matrix = ev.confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 2, 0], num_classes=3)
+    matrix = metrics.confusion_matrix([0, 0, 1, 2, 2], [0, 1, 1, 2, 0], num_classes=3)
     assert matrix.tolist() == [[1, 1, 0], [0, 1, 0], [1, 0, 1]]
 
 
 def test_against_scikit_learn() -> None:
-    metrics = pytest.importorskip("sklearn.metrics")
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 2, 300)
     scores = rng.normal(size=300) + labels  # informative, no ties
-    assert ev.roc_auc(scores, labels) == pytest.approx(metrics.roc_auc_score(labels, scores))
-    fpr, tpr, thresholds = ev.roc_curve(scores, labels)
-    sk_fpr, sk_tpr, sk_thresholds = metrics.roc_curve(labels, scores, drop_intermediate=False)
+    assert metrics.roc_auc(scores, labels) == pytest.approx(sklearn_metrics.roc_auc_score(labels, scores))
+    fpr, tpr, thresholds = metrics.roc_curve(scores, labels)
+    sk_fpr, sk_tpr, sk_thresholds = sklearn_metrics.roc_curve(labels, scores, drop_intermediate=False)
     np.testing.assert_allclose(fpr, sk_fpr)
     np.testing.assert_allclose(tpr, sk_tpr)
     np.testing.assert_allclose(thresholds[1:], sk_thresholds[1:])
     # ties in the scores: sklearn also gives ties half credit
     tied = np.round(scores)
-    assert ev.roc_auc(tied, labels) == pytest.approx(metrics.roc_auc_score(labels, tied))
+    assert metrics.roc_auc(tied, labels) == pytest.approx(sklearn_metrics.roc_auc_score(labels, tied))
     class_scores = rng.normal(size=(200, 7))
     targets = rng.integers(0, 7, 200)
     class_scores[np.arange(100), targets[:100]] += 1.5  # half the rows are easy
     for k in (1, 3, 5):
-        expected = metrics.top_k_accuracy_score(targets, class_scores, k=k, labels=np.arange(7))
-        assert ev.top_k_accuracy(class_scores, targets, k=k) == pytest.approx(expected)
+        expected = sklearn_metrics.top_k_accuracy_score(targets, class_scores, k=k, labels=np.arange(7))
+        assert metrics.top_k_accuracy(class_scores, targets, k=k) == pytest.approx(expected)
     predictions = class_scores.argmax(1)
     np.testing.assert_array_equal(
-        ev.confusion_matrix(targets, predictions, 7),
-        metrics.confusion_matrix(targets, predictions, labels=range(7)),
+        metrics.confusion_matrix(targets, predictions, 7),
+        sklearn_metrics.confusion_matrix(targets, predictions, labels=range(7)),
     )
 
 
@@ -110,11 +112,11 @@ def test_report_and_plots(tmp_path) -> None:
 
     rng = np.random.default_rng(1)
     labels = rng.integers(0, 2, 50)
-    roc = ev.plot_roc(rng.random(50) + labels, labels, tmp_path / "roc.png")
-    ranks = ev.retrieval_ranks(rng.random((12, 12)))
-    hist = ev.plot_rank_histogram(ranks, tmp_path / "ranks.png")
-    confusion = ev.plot_confusion(
-        ev.confusion_matrix([0, 1, 2], [0, 2, 2], 3), ["a", "b", "c"], tmp_path / "c.png"
+    roc = reports.plot_roc(rng.random(50) + labels, labels, tmp_path / "roc.png")
+    ranks = metrics.retrieval_ranks(rng.random((12, 12)))
+    hist = reports.plot_rank_histogram(ranks, tmp_path / "ranks.png")
+    confusion = reports.plot_confusion(
+        metrics.confusion_matrix([0, 1, 2], [0, 2, 2], 3), ["a", "b", "c"], tmp_path / "c.png"
     )
     for path in (roc, hist, confusion):
         with Image.open(path) as image:
@@ -122,7 +124,7 @@ def test_report_and_plots(tmp_path) -> None:
             assert image.width > 100 and image.height > 100
             # not a blank canvas: the plot drew something
             assert len(set(image.convert("L").getdata())) > 5
-    report = ev.markdown_report(
+    report = reports.markdown_report(
         "Evaluation of videobert v3",
         {"alignment_auc": 0.91234, "recall_at_1": 0.5, "masked_text_accuracy": float("nan"), "videos": 12},
         notes={"model": "models:/videobert/3"},

@@ -7,7 +7,8 @@ import pytest
 
 from tests.token_corpus import NUM_VISUAL, TEXT_VOCAB, token_table
 from videobert.config import ConfigError, ExamplesConfig
-from videobert.examples import (
+from videobert.model import CLS, MASK, SEP, VIDEO_SEP, JointVocab
+from videobert.training_examples import (
     IGNORE,
     JOINT,
     TEXT,
@@ -17,7 +18,6 @@ from videobert.examples import (
     regime_plan,
     segments_from_columns,
 )
-from videobert.model import CLS, MASK, SEP, VIDEO_SEP, JointVocab
 
 VOCAB = JointVocab(TEXT_VOCAB, NUM_VISUAL)
 COLUMNS = token_table(num_videos=12, segments=6).to_pydict()

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 TINY = {
     "decode": {"fps": 8, "clip_frames": 8, "size": 64},
-    "encoder": {"weights": "none", "batch_size": 4},
+    "encoder": {"weights": "none", "clips_per_batch": 4},
     "extract": {"manifest_flush_every": 2},
 }
 
@@ -209,7 +209,7 @@ def test_kill_9_midway_then_rerun_equals_an_undisturbed_run(ray_cluster, tmp_pat
         str(source),
         killed,
         extract={"manifest_flush_every": 1, "decode_concurrency": 1},
-        encoder={"batch_size": 2},
+        encoder={"clips_per_batch": 2},
     )
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address}
     process = subprocess.Popen(

@@ -33,7 +33,7 @@ def test_ray_job_submit_extract(ray_cluster, tmp_path: Path) -> None:
                 "source": str(source),
                 "output": str(output),
                 "decode": {"fps": 8, "clip_frames": 8, "size": 64},
-                "encoder": {"weights": "none", "batch_size": 4},
+                "encoder": {"weights": "none", "clips_per_batch": 4},
                 "extract": {"feature_actors": 1},
             }
         )

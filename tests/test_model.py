@@ -19,6 +19,7 @@ from videobert.model import (
     load_pretrained,
     save_pretrained,
 )
+from videobert.model_sizes import ModelSize
 
 VOCAB = JointVocab(["a", "b", "c", "d", "e", "f", "g", "h"], 12)
 
@@ -47,7 +48,8 @@ def test_vocab_layout():
 
 
 def test_sizes_registry():
-    assert MODEL_SIZES["large"] == dict(hidden=1024, layers=24, heads=16, intermediate=4096)
+    assert MODEL_SIZES["large"] == ModelSize(hidden=1024, layers=24, heads=16, intermediate=4096)
+    assert VideoBertConfig.from_size("large", 10).intermediate == 4096
     with pytest.raises(ValueError, match="unknown model size"):
         VideoBertConfig.from_size("huge", 10)
 

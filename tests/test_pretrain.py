@@ -15,8 +15,8 @@ import pytest
 from pipelines import pretrain
 from tests.token_corpus import write_corpus
 from videobert.config import load_config
-from videobert.mlflow_utils import use_tracking_uri
-from videobert.tracking import load_registered_model
+from videobert.registry import load_registered_model
+from videobert.tracking import use_tracking_uri
 
 COMMON = [
     "model.size=debug",

@@ -6,8 +6,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from videobert.mlflow_utils import use_tracking_uri
-from videobert.promotion import CHAMPION, alias_version, eval_tag, promote
+from videobert.registry import CHAMPION, alias_version, eval_tag, promote
+from videobert.tracking import use_tracking_uri
 
 METRIC = "zero_shot_object_top1"
 

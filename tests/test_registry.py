@@ -15,14 +15,9 @@ import torch
 
 from videobert.config import ExperimentConfig, load_config
 from videobert.model import CLS, MASK, SEP, VIDEO_SEP, JointVocab, build_model
+from videobert.registry import load_registered_model, log_and_register_model
 from videobert.storage import ObjectInfo
-from videobert.tracking import (
-    load_registered_model,
-    log_and_register_model,
-    log_lineage,
-    start_or_resume_run,
-    token_digest,
-)
+from videobert.tracking import log_lineage, start_or_resume_run, token_digest
 
 
 def round_trip(tracking_uri: str, output: str) -> None:
@@ -92,7 +87,7 @@ def test_registry_round_trip_live_server(mlflow_server, tmp_path):
 
 
 def test_predict_rejects_empty_sequences():
-    from videobert.tracking import predict_frame
+    from videobert.registry import predict_frame
 
     vocab = JointVocab(4, 4)
     with pytest.raises(ValueError, match="non-empty"):
@@ -101,7 +96,7 @@ def test_predict_rejects_empty_sequences():
 
 def test_a_second_experiment_in_one_process_uses_its_own_store(tmp_path, monkeypatch):
     """MLflow 3's set_tracking_uri exports MLFLOW_TRACKING_URI; ours must not leak it."""
-    from videobert.mlflow_utils import setup_experiment, tracking_uri
+    from videobert.tracking import setup_experiment, tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     first = load_config(None, [f"output={tmp_path / 'first'}"])

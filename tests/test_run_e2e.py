@@ -18,14 +18,13 @@ from pipelines import run as run_stage
 from pipelines.evaluate import label_classes, zero_shot_items
 from videobert.config import load_config
 from videobert.demo_corpus import generate_corpus
-from videobert.mlflow_utils import tracking_uri, use_tracking_uri
+from videobert.evaluation import in_holdout, zero_shot
 from videobert.model import build_model
-from videobert.model_eval import in_holdout, zero_shot
-from videobert.promotion import CHAMPION, alias_version
+from videobert.registry import CHAMPION, alias_version, load_registered_model
 from videobert.tables import Layout
 from videobert.text_tokenizer import TextTokenizer
 from videobert.token_shards import read_tokens
-from videobert.tracking import load_registered_model
+from videobert.tracking import tracking_uri, use_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 

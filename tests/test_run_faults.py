@@ -36,17 +36,17 @@ from tests.test_extract import assert_same_state
 from videobert.codebook import HierarchicalCodebook, list_codebooks
 from videobert.config import load_config
 from videobert.demo_corpus import DemoSpec, generate_corpus
-from videobert.mlflow_utils import setup_experiment, tracking_uri, use_tracking_uri
-from videobert.promotion import CANDIDATE, CHAMPION, alias_version
+from videobert.registry import CANDIDATE, CHAMPION, alias_version
 from videobert.tables import Layout, read_manifest
 from videobert.text_tokenizer import list_tokenizers
 from videobert.token_shards import read_tokens
+from videobert.tracking import setup_experiment, tracking_uri, use_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 SETTINGS = {
     "name": "faults",
     "decode": {"fps": 8, "clip_frames": 8, "size": 64},
-    "encoder": {"weights": "none", "batch_size": 8},
+    "encoder": {"weights": "none", "clips_per_batch": 8},
     "extract": {"manifest_flush_every": 1},
     "codebook": {"k": 4, "depth": 2, "iterations": 10, "gallery_words": 4},
     "text": {"vocab_size": 200},

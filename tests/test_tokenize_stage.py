@@ -22,10 +22,10 @@ from tests.feature_corpus import write_video
 from videobert import storage
 from videobert.codebook import HierarchicalCodebook, latest_codebook
 from videobert.config import ExperimentConfig, load_config
-from videobert.mlflow_utils import tracking_uri, use_tracking_uri
 from videobert.tables import Layout, append_manifest, read_manifest
 from videobert.text_tokenizer import TextTokenizer, list_tokenizers
 from videobert.token_shards import read_tokens
+from videobert.tracking import tracking_uri, use_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -248,7 +248,7 @@ def extracted(ray_cluster, tmp_path_factory) -> Extracted:
         "source": str(source),
         "output": str(tmp_path / "out"),
         "decode": {"fps": 8, "clip_frames": 8, "size": 64},
-        "encoder": {"weights": "none", "batch_size": 4},
+        "encoder": {"weights": "none", "clips_per_batch": 4},
         "extract": {"feature_actors": 1},
         "codebook": {"k": 2, "depth": 2, "sample_size": 100, "iterations": 10, "gallery_words": 2},
         "text": {"vocab_size": 60},

@@ -27,8 +27,8 @@ def rank_main(rank: int, port: int, results: dict) -> None:
 
     from videobert import training
     from videobert.config import TrainConfig
-    from videobert.examples import ExampleBuilder
     from videobert.model import JointVocab, build_model
+    from videobert.training_examples import ExampleBuilder
 
     torch.set_num_threads(1)
     training.init_distributed(use_gpu=False)

@@ -2,7 +2,9 @@
 
 Every stage takes the same file and reads the sections it needs. Values come from
 the dataclass defaults (the paper's recipe), then the YAML file, then `--set a.b=c`
-overrides. Unknown keys and values of the wrong type are errors that name the key.
+overrides. Unknown keys, values of the wrong type and values that cannot work together are
+errors that name the key, raised at load, before any stage starts. A renamed key is still
+accepted under its old name, with a DeprecatedConfigKeyWarning naming the new one.
 """
 
 from __future__ import annotations
@@ -11,15 +13,55 @@ import dataclasses
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, NamedTuple
 
 import yaml
+
+from videobert.model_sizes import MODEL_SIZES
 
 
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key."""
+
+
+class DeprecatedConfigKeyWarning(FutureWarning):
+    """A config key was given under its old name; the message names the new one.
+
+    A FutureWarning, not a DeprecationWarning: those are hidden by default, and the people who
+    must see this are the ones writing the YAML files, not the library's developers.
+    """
+
+
+class ModelRef(NamedTuple):
+    """A registered model URI, parsed: a named model and either an alias or a version."""
+
+    name: str
+    """Registered model name."""
+    alias: str | None
+    """The alias (e.g. champion) of `models:/<name>@<alias>`, else None."""
+    version: str | None
+    """The version number of `models:/<name>/<version>`, else None."""
+
+
+def parse_model_uri(model_uri: str) -> ModelRef:
+    """`models:/<name>@<alias>` -> (name, alias, None); `models:/<name>/<version>` -> (name, None, version).
+
+    Raises ConfigError for anything else. Pure string work (no MLflow, no torch), so configs
+    are checked at load.
+    """
+    rest = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
+    name, at, alias = rest.partition("@")
+    if at and name and alias and "/" not in alias:
+        return ModelRef(name, alias, None)
+    name, slash, version = rest.rpartition("/")
+    if not at and slash and name and version.isdigit():
+        return ModelRef(name, None, version)
+    raise ConfigError(
+        f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
+    )
 
 
 @dataclass
@@ -78,16 +120,19 @@ class EncoderConfig:
     """`kinetics400` (torchvision download), `none` (random, on purpose), or a path/URI of a state dict."""
     seed: int = 0
     """Seed for random weights, so every actor builds the same encoder."""
-    batch_size: int = 16
+    clips_per_batch: int = 16
     """Clips per forward pass in a feature actor."""
     dtype: str = "auto"
     """`auto` (bf16 on GPU, fp32 on CPU), `float32` or `bfloat16`."""
 
+    deprecated_keys: ClassVar[dict[str, str]] = {"batch_size": "clips_per_batch"}
+    """Old key -> its new name (`batch_size` also meant sequences and videos elsewhere)."""
+
     def __post_init__(self) -> None:
         if self.name != "s3d":
             raise ConfigError(f"encoder.name: unknown encoder {self.name!r} (known: s3d)")
-        if self.batch_size < 1:
-            raise ConfigError("encoder.batch_size must be >= 1")
+        if self.clips_per_batch < 1:
+            raise ConfigError("encoder.clips_per_batch must be >= 1")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ConfigError("encoder.dtype must be auto, float32 or bfloat16")
 
@@ -173,11 +218,26 @@ class ModelConfig:
     """The VideoBERT Transformer."""
 
     size: str = "large"
-    """A named size from videobert.model.MODEL_SIZES: debug, base, large (paper)."""
+    """A named size from videobert.model_sizes.MODEL_SIZES: debug, base, large (paper)."""
     init_from: str | None = None
     """BERT checkpoint (path or Hugging Face name) for the Transformer and text embeddings."""
     max_seq_len: int = 512
     """Longest input sequence, in tokens."""
+
+    # Shortest sequence worth building: [CLS], a few tokens of each modality, [SEP]s.
+    min_seq_len: ClassVar[int] = 8
+
+    def __post_init__(self) -> None:
+        if self.size not in MODEL_SIZES:
+            raise ConfigError(f"model.size: unknown size {self.size!r} (known: {', '.join(MODEL_SIZES)})")
+        if self.max_seq_len < self.min_seq_len:
+            raise ConfigError(f"model.max_seq_len must be >= {self.min_seq_len}, got {self.max_seq_len}")
+        limit = MODEL_SIZES[self.size].max_positions
+        if limit is not None and self.max_seq_len > limit:
+            raise ConfigError(
+                f"model.max_seq_len must be <= {limit} (the most positions of size {self.size!r}), "
+                f"got {self.max_seq_len}"
+            )
 
 
 @dataclass
@@ -279,21 +339,34 @@ class MlflowConfig:
     experiment: str = "videobert"
     """Experiment name."""
     registered_model: str = "videobert"
-    """Registered model name."""
+    """Registered model name; evaluate and embed default to its @candidate and @champion."""
+
+    def __post_init__(self) -> None:
+        if not self.registered_model:
+            raise ConfigError("mlflow.registered_model must be set")
 
 
 @dataclass
 class EvaluateConfig:
     """Evaluation and promotion."""
 
-    model_uri: str = "models:/videobert@candidate"
-    """The model version to evaluate."""
+    model_uri: str | None = None
+    """The model to evaluate, as models:/<name>@<alias>; None: models:/<mlflow.registered_model>@candidate."""
     labels: str | None = None
     """CSV or Parquet with source_uri, verb, object for zero-shot classification."""
     holdout_fraction: float = 0.1
     """Share of videos held out of training for evaluation (by video_id hash)."""
     metric: str = "zero_shot_object_top1"
     """Metric that decides promotion (higher is better)."""
+
+    def __post_init__(self) -> None:
+        if self.model_uri is None:
+            return
+        # Evaluation tags the version the alias points to now, and promotion moves aliases.
+        if _parse_uri_of("evaluate.model_uri", self.model_uri).alias is None:
+            raise ConfigError(
+                f"evaluate.model_uri must name an alias, models:/<name>@<alias>, got {self.model_uri!r}"
+            )
 
 
 @dataclass
@@ -303,11 +376,12 @@ class EmbedConfig:
     Decode and feature extraction reuse the `decode`, `encoder` and `extract` sections.
     """
 
-    model_uri: str = "models:/videobert@champion"
-    """Registered model: models:/<name>@<alias> or models:/<name>/<version> (resolved to a version first)."""
+    model_uri: str | None = None
+    """models:/<name>@<alias> or models:/<name>/<version> (resolved to a version first);
+    None: models:/<mlflow.registered_model>@champion."""
     output: str = ""
     """Root of the embeddings (s3:// or local); empty: `<output>/embeddings`. One folder per model version."""
-    batch_size: int = 16
+    videos_per_batch: int = 16
     """Videos per batch in an embedding actor (their chunks run as one padded forward pass)."""
     actors: int | None = None
     """Embedding actors (None: one per GPU, else one)."""
@@ -316,16 +390,43 @@ class EmbedConfig:
     retry_errors: bool = False
     """Retry videos that failed before although their file did not change (a changed file is always retried)."""
 
+    deprecated_keys: ClassVar[dict[str, str]] = {"batch_size": "videos_per_batch"}
+    """Old key -> its new name (`batch_size` also meant sequences and clips elsewhere)."""
+
     def __post_init__(self) -> None:
-        if not self.model_uri.startswith("models:/"):
-            raise ConfigError(
-                f"embed.model_uri must look like models:/<name>@<alias> or models:/<name>/<version>, "
-                f"got {self.model_uri!r}"
-            )
-        if self.batch_size < 1:
-            raise ConfigError("embed.batch_size must be >= 1")
+        if self.model_uri is not None:
+            _parse_uri_of("embed.model_uri", self.model_uri)
+        if self.videos_per_batch < 1:
+            raise ConfigError("embed.videos_per_batch must be >= 1")
         if self.actors is not None and self.actors < 1:
             raise ConfigError("embed.actors must be >= 1 (or null: one per GPU)")
+
+
+@dataclass
+class DemoConfig:
+    """The generated demo corpus (`videobert demo-corpus`): which classes, how many videos."""
+
+    objects: int = 4
+    """Objects used, the first N of videobert.demo_corpus.OBJECTS."""
+    actions: int = 3
+    """Actions used, the first N of videobert.demo_corpus.ACTIONS."""
+    videos_per_class: int = 5
+    """Videos per (object, action) pair."""
+    seed: int = 0
+    """Seed for every per-video variation (background, position, speed, fillers)."""
+
+    # len(OBJECTS) and len(ACTIONS) of videobert.demo_corpus, copied because that module needs
+    # av and PIL and the config must load without them; tests/test_demo_corpus.py pins them.
+    available_objects: ClassVar[int] = 6
+    available_actions: ClassVar[int] = 5
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.objects <= self.available_objects:
+            raise ConfigError(f"demo.objects must be in 1..{self.available_objects}, got {self.objects}")
+        if not 1 <= self.actions <= self.available_actions:
+            raise ConfigError(f"demo.actions must be in 1..{self.available_actions}, got {self.actions}")
+        if self.videos_per_class < 1:
+            raise ConfigError(f"demo.videos_per_class must be >= 1, got {self.videos_per_class}")
 
 
 @dataclass
@@ -351,12 +452,20 @@ class ExperimentConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
     def __post_init__(self) -> None:
         if not self.source:
             raise ConfigError("source must be set (s3://bucket/prefix or a local path)")
         if not self.output:
             raise ConfigError("output must be set (s3://bucket/prefix or a local path)")
+        # Unset model URIs follow the registered model's name, so renaming it in one place
+        # moves pretrain, evaluate, promote and embed together.
+        registered = self.mlflow.registered_model
+        if self.evaluate.model_uri is None:
+            self.evaluate.model_uri = f"models:/{registered}@candidate"
+        if self.embed.model_uri is None:
+            self.embed.model_uri = f"models:/{registered}@champion"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -408,7 +517,37 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     raise ConfigError(f"{key}: unsupported type {annotation!r}")
 
 
+def _parse_uri_of(key: str, model_uri: str) -> ModelRef:
+    """parse_model_uri, with the config key in the error."""
+    try:
+        return parse_model_uri(model_uri)
+    except ConfigError as error:
+        raise ConfigError(f"{key}: {error}") from None
+
+
+def _rename_deprecated_keys(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """Move values given under a section's old key names (its `deprecated_keys`) to the new names."""
+    renamed: dict[str, str] = getattr(cls, "deprecated_keys", {})
+    values = dict(values)
+    for old, new in renamed.items():
+        if old not in values:
+            continue
+        if new in values:
+            raise ConfigError(
+                f"{prefix}{old} and {prefix}{new} are both set; {prefix}{old} is the deprecated name "
+                f"of {prefix}{new}: keep only {prefix}{new}"
+            )
+        warnings.warn(
+            f"config key {prefix}{old} is deprecated: use {prefix}{new}",
+            DeprecatedConfigKeyWarning,
+            stacklevel=2,
+        )
+        values[new] = values.pop(old)
+    return values
+
+
 def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    values = _rename_deprecated_keys(cls, values, prefix)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)

@@ -1,7 +1,7 @@
 """Video embeddings from a trained VideoBERT: a video's visual words -> pooled hidden states.
 
 A video is fed as the training's video-only input, `[CLS] video [SEP]` with token type video
-(`examples.build_sequence`), in chunks of at most `max_len` tokens: a video longer than
+(`training_examples.build_sequence`), in chunks of at most `max_len` tokens: a video longer than
 `max_len - 2` words is split into ceil(n / (max_len - 2)) chunks of near-equal length, so no
 chunk is a short remainder with little context. Per video:
 
@@ -11,19 +11,28 @@ chunk is a short remainder with little context. Per video:
 
 Chunks of many videos run as padded batches, shortest with shortest; padding is masked out of
 attention (`seq_ids`), so a video's embedding does not depend on its batch mates.
-Ray-free: pipelines/embed.py maps this over actors.
+Ray-free: pipelines/embed.py maps `VideoEmbedder` over actors and commits with `EmbedCommitter`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from videobert.examples import VIDEO, build_sequence
+from videobert import storage, tables
+from videobert.config import ConfigError, ExperimentConfig, S3Config
 from videobert.model import JointVocab, VideoBert
+from videobert.results import EmbedResult
+from videobert.videos import ManifestCommitter
+
+if TYPE_CHECKING:  # mlflow loads only when a model is resolved
+    from videobert.registry import ModelVersionInfo
+from videobert.training_examples import VIDEO, build_sequence
 
 
 def chunk_words(words: np.ndarray, max_len: int) -> list[np.ndarray]:
@@ -98,3 +107,171 @@ def embed_videos(
         cls_embedding=(cls_sums / num_chunks.unsqueeze(-1)).float().cpu().numpy(),
         num_chunks=num_chunks.cpu().numpy().astype(np.int64),
     )
+
+
+# ---- the embed stage's library parts (Ray glue: pipelines/embed.py) -----------------------------
+
+DECODED, REUSED = "decoded", "reused"
+
+EMBED_RESULT_SCHEMA = pa.schema(
+    [
+        ("video_id", pa.string()),
+        ("error", pa.string()),
+        ("num_clips", pa.int64()),
+        ("num_chunks", pa.int64()),
+        ("embedding", pa.list_(pa.float32())),
+        ("cls_embedding", pa.list_(pa.float32())),
+        ("visual_words", pa.list_(pa.int32())),
+    ]
+)
+"""What a VideoEmbedder returns per video: an embedding, or the reason there is none."""
+
+
+class VideoEmbedder:
+    """One registered model version (loaded once per actor) turning batches of videos into
+    embeddings. A video comes with its visual words, or with extract's features file, whose
+    words are assigned here with the model's codebook."""
+
+    def __init__(self, model_uri: str, tracking_uri: str, codebook_uri: str, s3: S3Config) -> None:
+        from videobert.registry import load_registered_model
+        from videobert.tracking import use_tracking_uri
+
+        use_tracking_uri(tracking_uri)  # a fresh worker process: point it at the registry
+        model, self.vocab, meta = load_registered_model(model_uri)
+        self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+        self.max_len = min(
+            int(meta.get("max_seq_len", model.config.max_positions)), model.config.max_positions
+        )
+        self.codebook_uri, self.s3 = codebook_uri, s3
+        self.codebook = None  # loaded on first use: only reused features need it here
+
+    def words_from_features(self, features_uri: str) -> np.ndarray:
+        from videobert.codebook import HierarchicalCodebook, default_device
+        from videobert.token_shards import features_array
+
+        if self.codebook is None:
+            self.codebook = HierarchicalCodebook.load(self.codebook_uri, self.s3).to(default_device())
+        table = storage.read_parquet(features_uri, self.s3).sort_by("clip_index")
+        if table.num_rows == 0:
+            raise ValueError("features file has no clips")
+        return self.codebook.assign(features_array(table))
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        ids = [str(v) for v in batch["video_id"]]
+        words: dict[str, np.ndarray] = {}
+        errors: dict[str, str] = {}
+        for vid, video_words, features_uri in zip(
+            ids, batch["visual_words"], batch["features_uri"], strict=True
+        ):
+            try:
+                if features_uri:
+                    words[vid] = self.words_from_features(str(features_uri))
+                else:
+                    words[vid] = np.asarray(video_words, np.int64)
+            except Exception as error:  # recorded as the video's error row, never raised
+                errors[vid] = (
+                    f"features: cannot reuse {features_uri}: {type(error).__name__}: {error} "
+                    "(rerun with embed.reuse_features=false to decode the video instead)"
+                )
+        good = [vid for vid in ids if vid in words]
+        embedded: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+        try:
+            if good:
+                result = embed_videos(self.model, self.vocab, [words[v] for v in good], self.max_len)
+                for i, vid in enumerate(good):
+                    embedded[vid] = (result.embedding[i], result.cls_embedding[i], int(result.num_chunks[i]))
+        except Exception as error:  # a failed forward (e.g. out of memory) marks the batch's videos
+            errors.update({vid: f"embed: {type(error).__name__}: {error}" for vid in good})
+        rows = []
+        for vid in ids:
+            embedding, cls_embedding, chunks = embedded.get(vid, (None, None, 0))
+            video_words = words.get(vid)
+            rows.append(
+                {
+                    "video_id": vid,
+                    "error": errors.get(vid),
+                    "num_clips": 0 if video_words is None else len(video_words),
+                    "num_chunks": chunks,
+                    "embedding": None if embedding is None else embedding.tolist(),
+                    "cls_embedding": None if cls_embedding is None else cls_embedding.tolist(),
+                    "visual_words": None if video_words is None else video_words.astype(np.int32).tolist(),
+                }
+            )
+        return pa.Table.from_pylist(rows, schema=EMBED_RESULT_SCHEMA)
+
+
+def check_compatible(model: ModelVersionInfo, codebook_meta: dict[str, Any], encoder: str) -> None:
+    """The model's codebook must match its vocabulary and the encoder this config builds."""
+    if int(codebook_meta["vocab_size"]) != model.num_visual:
+        raise ConfigError(
+            f"{model.uri}: its codebook has {codebook_meta['vocab_size']} visual words but the model "
+            f"knows {model.num_visual}"
+        )
+    fitted_on = [e for e in (codebook_meta.get("encoder") or "").split(",") if e]
+    if fitted_on and encoder not in fitted_on:
+        raise ConfigError(
+            f"{model.uri}: its codebook was fit on {', '.join(fitted_on)} features, but the encoder "
+            f"section gives {encoder}; set encoder.weights / encoder.seed to the model's encoder"
+        )
+
+
+def reusable_features(config: ExperimentConfig, encoder: str) -> dict[str, str]:
+    """video_id -> ETag of every video with extract's committed features from this encoder."""
+    manifest = tables.read_manifest(config.output, config.s3)
+    return {
+        row["video_id"]: row["etag"]
+        for row in manifest.select(["video_id", "status", "etag", "encoder"]).to_pylist()
+        if row["status"] == "ok" and row["encoder"] == encoder
+    }
+
+
+class EmbedCommitter(ManifestCommitter):
+    """Commits each embedded (or failed) video: its embedding file, then its manifest row."""
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        layout: tables.EmbeddingLayout,
+        videos: list[dict[str, Any]],
+        provenance: dict[str, str],
+        summary: EmbedResult,
+    ) -> None:
+        super().__init__(
+            lambda rows: tables.append_parts(
+                layout.manifest, tables.rows_table(rows, tables.EMBED_MANIFEST_SCHEMA), config.s3
+            ),
+            config.extract.manifest_flush_every,
+            summary,
+            config.s3,
+        )
+        self.layout = layout
+        self.videos = {v["video_id"]: v for v in videos}
+        self.provenance = provenance  # model_uri, codebook_version, encoder
+        self.features: dict[str, str] = {}  # video_id -> DECODED | REUSED
+
+    def commit_video(self, vid: str, error: str | None, result: dict[str, Any] | None = None) -> None:
+        video = self.videos[vid]
+        num_clips = int(result["num_clips"]) if result and not error else 0
+        output = None
+        if error is None:
+            row = {
+                **{k: video[k] for k in ("video_id", "source_uri", "etag")},
+                **self.provenance,
+                **{k: result[k] for k in ("num_chunks", "embedding", "cls_embedding", "visual_words")},
+                "num_clips": num_clips,
+                "run_id": self.summary.run_id,
+                "created_at": tables.now_utc(),
+            }
+            output = pa.Table.from_pylist([row], schema=tables.EMBEDDINGS_SCHEMA)
+            self.summary.reused += self.features.get(vid) == REUSED
+        manifest_row = {
+            **{k: video[k] for k in ("video_id", "source_uri", "etag", "size")},
+            "status": "ok" if error is None else "error",
+            "error": error,
+            "num_clips": num_clips,
+            "features": self.features.get(vid, DECODED),
+            "model_uri": self.provenance["model_uri"],
+            "encoder": self.provenance["encoder"],
+            "run_id": self.summary.run_id,
+        }
+        self.commit(video, manifest_row, self.layout.data_file(vid), output, error, num_clips)

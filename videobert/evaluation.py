@@ -1,235 +1,238 @@
-"""Evaluation metrics, a markdown report and its plots. Pure numpy: no Ray, no MLflow, no sklearn.
+"""Evaluating a VideoBERT model on held-out token rows (Ray-free, one process).
 
-Inputs may be numpy arrays, lists or torch tensors (moved to the CPU here). Ties are broken
-at random *in expectation*: a target tied with others gets the average of the ranks it could
-take, so constant scores score exactly chance, never a perfect result.
+- held-out MLM accuracy on text and video tokens (the training objective, no augmentation);
+- linguistic-visual alignment accuracy and ROC AUC on aligned vs misaligned pairs;
+- text->video retrieval scored by the alignment head (R@1/5/10, median rank);
+- zero-shot classification with the paper's template "now let me show you how to [MASK] the
+  [MASK]" followed by the video's tokens: verb and object top-1/top-5 over the label set.
+
+This module runs the model; the metric arithmetic on its scores is videobert/metrics.py, the
+plots and markdown report videobert/reports.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from pathlib import Path
-from typing import Any
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import torch
 
-IGNORE_INDEX = -100
+from videobert.config import ExamplesConfig
+from videobert.metrics import (
+    binary_accuracy,
+    confusion_matrix,
+    retrieval_metrics,
+    retrieval_ranks,
+    roc_auc,
+    top_k_accuracy,
+)
+from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab, VideoBert
+from videobert.training import forward, to_device
+from videobert.training_examples import IGNORE, JOINT, Example, ExampleBuilder, build_sequence, pack
 
-
-def to_numpy(values: Any) -> np.ndarray:
-    """numpy view of an array-like or a torch tensor (any device, any float dtype)."""
-    if hasattr(values, "detach"):
-        values = values.detach().cpu()
-        if values.is_floating_point():
-            values = values.float()  # numpy has no bfloat16
-        return values.numpy()
-    return np.asarray(values)
-
-
-def masked_token_counts(logits: Any, labels: Any, ignore_index: int = IGNORE_INDEX) -> tuple[int, int]:
-    """(correct, counted) masked-LM predictions; positions labelled `ignore_index` are skipped.
-
-    `logits` is [..., vocab] (argmax taken here, on its own device) or already-argmaxed ids
-    with the shape of `labels`. Sum the counts over batches, then divide.
-    """
-    logits = logits if hasattr(logits, "ndim") else np.asarray(logits)
-    labels = labels if hasattr(labels, "ndim") else np.asarray(labels)
-    if logits.ndim == labels.ndim + 1:
-        logits = logits.argmax(-1)
-    predictions, targets = to_numpy(logits), to_numpy(labels)
-    if predictions.shape != targets.shape:
-        raise ValueError(f"predictions {predictions.shape} and labels {targets.shape} differ in shape")
-    counted = targets != ignore_index
-    return int((predictions[counted] == targets[counted]).sum()), int(counted.sum())
+ZERO_SHOT_PREFIX = "now let me show you how to"
 
 
-def masked_token_accuracy(logits: Any, labels: Any, ignore_index: int = IGNORE_INDEX) -> float:
-    """Share of masked positions predicted right (NaN when nothing is masked)."""
-    correct, counted = masked_token_counts(logits, labels, ignore_index)
-    return correct / counted if counted else float("nan")
+def in_holdout(video_id: str, fraction: float) -> bool:
+    """Deterministic split by video: the same videos are held out by pretrain and evaluate."""
+    if fraction <= 0:
+        return False
+    bucket = int(hashlib.sha256(video_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return bucket < fraction
 
 
-def _binary_inputs(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
-    scores, labels = to_numpy(scores).astype(np.float64).ravel(), to_numpy(labels).ravel()
-    if scores.shape != labels.shape:
-        raise ValueError(f"{scores.size} scores but {labels.size} labels")
-    if not np.isin(labels, (0, 1)).all():
-        raise ValueError("labels must be 0 or 1")
-    return scores, labels.astype(bool)
+def joint_example(
+    vocab: JointVocab, text_ids: Sequence[int], video_tokens: Sequence[int], max_len: int
+) -> Example:
+    """Unmasked `[CLS] text [>] video [SEP]` (text keeps at most half when both are long)."""
+    text = np.asarray(text_ids, np.int64)
+    video = np.asarray(video_tokens, np.int64)
+    ids, types = build_sequence(vocab, JOINT, text, video, max_len)
+    return Example(ids, types, np.full(len(ids), IGNORE, np.int64), JOINT, 1, 1)
 
 
-def binary_accuracy(scores: Any, labels: Any, threshold: float = 0.5) -> float:
-    """Share of pairs where `score >= threshold` agrees with the 0/1 label."""
-    scores, labels = _binary_inputs(scores, labels)
-    return float(((scores >= threshold) == labels).mean())
+@torch.no_grad()
+def _alignment_scores(
+    model: VideoBert, examples: list[Example], max_len: int, chunk: int = 256
+) -> np.ndarray:
+    """Alignment logit of every (joint) example, in order."""
+    scores = np.empty(len(examples), np.float32)
+    for start in range(0, len(examples), chunk):
+        part = examples[start : start + chunk]
+        # Tag each example so its [CLS] can be found after packing reorders them.
+        for i, ex in enumerate(part):
+            ex.aligned = i
+        batch = pack(part, max_len)
+        device = next(model.parameters()).device
+        out = forward(model, to_device(batch, device))
+        logits = out["alignment_logits"].float().cpu().numpy()
+        order = batch["align_labels"].astype(np.int64)  # the tags, in packed order
+        scores[start + order] = logits
+    return scores
 
 
-def _average_ranks(values: np.ndarray) -> np.ndarray:
-    """1-based ranks, ascending, ties sharing their average rank."""
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    starts = np.r_[0, np.flatnonzero(np.diff(sorted_values)) + 1]
-    ends = np.r_[starts[1:], values.size]
-    ranks = np.empty(values.size, np.float64)
-    ranks[order] = np.repeat((starts + ends + 1) / 2.0, ends - starts)
-    return ranks
+@dataclass
+class HeldOut:
+    """Held-out token rows as columns (video_id, segment_index, text_ids, video_tokens)."""
+
+    columns: dict[str, list]
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.columns["video_id"])
 
 
-def roc_auc(scores: Any, labels: Any) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties count half."""
-    scores, labels = _binary_inputs(scores, labels)
-    positives, negatives = int(labels.sum()), int((~labels).sum())
-    if positives == 0 or negatives == 0:
-        raise ValueError("ROC AUC needs at least one positive and one negative")
-    rank_sum = _average_ranks(scores)[labels].sum()  # Mann-Whitney U
-    return float((rank_sum - positives * (positives + 1) / 2) / (positives * negatives))
-
-
-def roc_curve(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(false positive rate, true positive rate, thresholds), from (0, 0) to (1, 1).
-
-    One point per distinct score, highest threshold first (the first threshold is +inf).
-    """
-    scores, labels = _binary_inputs(scores, labels)
-    order = np.argsort(-scores, kind="mergesort")
-    scores, labels = scores[order], labels[order]
-    last_of_each = np.r_[np.flatnonzero(np.diff(scores)), scores.size - 1]
-    true_positives = np.cumsum(labels)[last_of_each]
-    false_positives = (last_of_each + 1) - true_positives
-    tpr = np.r_[0.0, true_positives / max(labels.sum(), 1)]
-    fpr = np.r_[0.0, false_positives / max((~labels).sum(), 1)]
-    return fpr, tpr, np.r_[np.inf, scores[last_of_each]]
-
-
-def _target_scores(scores: Any, targets: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(#scores above the target's, #scores tied with it including itself, n_candidates) per row."""
-    scores = to_numpy(scores).astype(np.float64)
-    targets = to_numpy(targets).astype(np.int64).ravel()
-    if scores.ndim != 2 or scores.shape[0] != targets.size:
-        raise ValueError(f"scores must be [rows, candidates] with one target per row, got {scores.shape}")
-    if targets.size and (targets.min() < 0 or targets.max() >= scores.shape[1]):
-        raise ValueError("a target index is outside the candidates")
-    target = scores[np.arange(targets.size), targets][:, None]
-    return (scores > target).sum(1), (scores == target).sum(1), np.full(targets.size, scores.shape[1])
-
-
-def top_k_accuracy(scores: Any, targets: Any, k: int = 1) -> float:
-    """Share of rows whose target class is among the k highest scores ([rows, classes])."""
-    above, tied, _ = _target_scores(scores, targets)
-    # The target lands uniformly on one of ranks above+1 .. above+tied.
-    hits = np.clip(k - above, 0, tied) / tied
-    return float(hits.mean()) if hits.size else float("nan")
-
-
-def retrieval_ranks(scores: Any, targets: Any | None = None) -> np.ndarray:
-    """1-based (expected) rank of each query's right item; `scores` is [queries, gallery].
-
-    `targets` defaults to the diagonal (query i matches gallery item i).
-    """
-    scores = to_numpy(scores)
-    targets = np.arange(scores.shape[0]) if targets is None else targets
-    above, tied, _ = _target_scores(scores, targets)
-    return above + (tied + 1) / 2.0
-
-
-def retrieval_metrics(
-    scores: Any, targets: Any | None = None, ks: Sequence[int] = (1, 5, 10)
+@torch.no_grad()
+def mlm_metrics(
+    model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, seed: int = 0
 ) -> dict[str, float]:
-    """Recall@k for each k and the median rank: {"recall_at_1": .., ..., "median_rank": ..}.
+    """Masked-token accuracy on text and on video tokens (every regime, fixed seed)."""
+    builder = ExampleBuilder(vocab, max_len, ExamplesConfig(concat_prob=0.0, max_subsample=1))
+    rng = np.random.default_rng(seed)
+    counts = {"text": [0, 0], "video": [0, 0]}
+    device = next(model.parameters()).device
+    chunk = 128
+    for start in range(0, rows.num_rows, chunk):
+        part = {k: v[start : start + chunk] for k, v in rows.columns.items()}
+        batch = builder.batch(part, rng)
+        out = forward(model, to_device(batch, device))
+        predictions = out["mlm_logits"].argmax(-1).cpu().numpy()
+        hits = predictions == batch["mlm_labels"]
+        for name, selected in (("text", ~batch["mlm_is_video"]), ("video", batch["mlm_is_video"])):
+            counts[name][0] += int(hits[selected].sum())
+            counts[name][1] += int(selected.sum())
+    return {
+        f"{name}_mlm_accuracy": (hit / total if total else float("nan"))
+        for name, (hit, total) in counts.items()
+    }
 
-    Named `recall_at_k`, not `r@k`: MLflow metric names cannot hold "@".
+
+def alignment_metrics(
+    model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, seed: int = 0
+) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
+    """Accuracy and ROC AUC of the alignment head: each segment with its own video and with another video's."""
+    rng = np.random.default_rng(seed)
+    cols = rows.columns
+    usable = [i for i in range(rows.num_rows) if len(cols["text_ids"][i]) and len(cols["video_tokens"][i])]
+    examples, labels = [], []
+    for i in usable:
+        others = [j for j in usable if cols["video_id"][j] != cols["video_id"][i]]
+        if not others:
+            continue
+        j = int(rng.choice(others))
+        examples.append(joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][i], max_len))
+        labels.append(1)
+        examples.append(joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][j], max_len))
+        labels.append(0)
+    if not examples:
+        return {"alignment_accuracy": float("nan"), "alignment_auc": float("nan")}, np.zeros(0), np.zeros(0)
+    scores = _alignment_scores(model, examples, max_len)
+    probabilities = 1 / (1 + np.exp(-scores))
+    label_array = np.asarray(labels)
+    return (
+        {
+            "alignment_accuracy": binary_accuracy(probabilities, label_array),
+            "alignment_auc": roc_auc(probabilities, label_array),
+        },
+        probabilities,
+        label_array,
+    )
+
+
+def retrieval_eval(
+    model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, max_items: int = 32
+) -> tuple[dict[str, float], np.ndarray]:
+    """Text->video retrieval over held-out segments: score[i, j] = alignment(text_i, video_j)."""
+    cols = rows.columns
+    usable = [i for i in range(rows.num_rows) if len(cols["text_ids"][i]) and len(cols["video_tokens"][i])]
+    usable = usable[:max_items]
+    if len(usable) < 2:
+        return {}, np.zeros(0)
+    examples = [
+        joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][j], max_len)
+        for i in usable
+        for j in usable
+    ]
+    scores = _alignment_scores(model, examples, max_len).reshape(len(usable), len(usable))
+    metrics = retrieval_metrics(scores)
+    return {f"retrieval_{k}": float(v) for k, v in metrics.items()}, retrieval_ranks(scores)
+
+
+@dataclass
+class ZeroShotItem:
+    """One labelled video: its visual words (in order) and its true verb and object."""
+
+    video_id: str
+    video_tokens: list[int]
+    verb: str
+    object: str
+
+
+@torch.no_grad()
+def zero_shot(
+    model: VideoBert,
+    vocab: JointVocab,
+    encode_text: Callable[[str], list[int]],
+    items: list[ZeroShotItem],
+    max_len: int,
+    verbs: list[str] | None = None,
+    objects: list[str] | None = None,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """The paper's template against each video; candidates ranked by the masked-token logits.
+
+    Each candidate word is scored by the logit of its first WordPiece at its [MASK]: the
+    label set, not the whole vocabulary, is ranked (as a classifier over the labels). The
+    candidates are `verbs` / `objects` (the whole labelled set's classes; chance is one over
+    their number), by default the classes that occur among `items`.
     """
-    scores = to_numpy(scores)
-    targets = np.arange(scores.shape[0]) if targets is None else targets
-    above, tied, _ = _target_scores(scores, targets)
-    metrics = {f"recall_at_{k}": float((np.clip(k - above, 0, tied) / tied).mean()) for k in ks}
-    metrics["median_rank"] = float(np.median(above + (tied + 1) / 2.0))
-    return metrics
+    if not items:
+        return {}, {}
+    verbs = sorted(set(verbs or ()) | {item.verb for item in items})
+    objects = sorted(set(objects or ()) | {item.object for item in items})
+    verb_ids = np.asarray([vocab.text_ids(encode_text(v)[0]) for v in verbs])
+    object_ids = np.asarray([vocab.text_ids(encode_text(o)[0]) for o in objects])
+    prefix = vocab.text_ids(np.asarray(encode_text(ZERO_SHOT_PREFIX), np.int64))
+    the = vocab.text_ids(np.asarray(encode_text("the"), np.int64))
+    text = np.concatenate([prefix, [MASK], the, [MASK]]).astype(np.int64)
+    verb_mask_at = 1 + len(prefix)
+    object_mask_at = verb_mask_at + 1 + len(the)
+    device = next(model.parameters()).device
+    verb_scores = np.zeros((len(items), len(verbs)), np.float32)
+    object_scores = np.zeros((len(items), len(objects)), np.float32)
+    for n, item in enumerate(items):
+        video = vocab.video_ids(np.asarray(item.video_tokens, np.int64))[: max_len - len(text) - 3]
+        ids = np.concatenate([[CLS], text, [VIDEO_SEP], video, [SEP]]).astype(np.int64)
+        types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)])
+        input_ids = torch.as_tensor(ids, device=device)[None]  # [T] -> [1, T]
+        token_types = torch.as_tensor(types.astype(np.int64), device=device)[None]
+        positions = torch.as_tensor([verb_mask_at, object_mask_at], device=device)
+        logits = model(input_ids, token_types, mlm_positions=positions)["mlm_logits"].float().cpu().numpy()
+        verb_scores[n] = logits[0, verb_ids]
+        object_scores[n] = logits[1, object_ids]
+    verb_targets = np.asarray([verbs.index(item.verb) for item in items])
+    object_targets = np.asarray([objects.index(item.object) for item in items])
+    metrics = {
+        "zero_shot_verb_top1": top_k_accuracy(verb_scores, verb_targets, 1),
+        "zero_shot_verb_top5": top_k_accuracy(verb_scores, verb_targets, 5),
+        "zero_shot_object_top1": top_k_accuracy(object_scores, object_targets, 1),
+        "zero_shot_object_top5": top_k_accuracy(object_scores, object_targets, 5),
+        "zero_shot_items": float(len(items)),
+        "zero_shot_object_chance": 1.0 / len(objects),
+        "zero_shot_verb_chance": 1.0 / len(verbs),
+    }
+    details = {
+        "object_confusion": confusion_matrix(object_targets, object_scores.argmax(1), len(objects)),
+        "verb_confusion": confusion_matrix(verb_targets, verb_scores.argmax(1), len(verbs)),
+        "objects": np.asarray(objects),
+        "verbs": np.asarray(verbs),
+    }
+    return metrics, details
 
 
-def confusion_matrix(targets: Any, predictions: Any, num_classes: int) -> np.ndarray:
-    """[true class, predicted class] counts."""
-    targets, predictions = to_numpy(targets).ravel(), to_numpy(predictions).ravel()
-    matrix = np.zeros((num_classes, num_classes), np.int64)
-    np.add.at(matrix, (targets, predictions), 1)
-    return matrix
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float | np.floating):
-        return "nan" if np.isnan(value) else f"{value:.4f}"
-    return str(value)
-
-
-def markdown_report(
-    title: str,
-    metrics: Mapping[str, Any],
-    notes: Mapping[str, Any] | None = None,
-    plots: Mapping[str, str] | None = None,
-) -> str:
-    """A markdown page: a metrics table, optional notes (model URI, data sizes...) and plot images.
-
-    `plots` maps a caption to an image path relative to where the report is written.
-    """
-    lines = [f"# {title}", ""]
-    if notes:
-        lines += [f"- **{key}**: {_format(value)}" for key, value in notes.items()] + [""]
-    lines += ["| metric | value |", "|---|---|"]
-    lines += [f"| {name} | {_format(value)} |" for name, value in metrics.items()]
-    for caption, path in (plots or {}).items():
-        lines += ["", f"## {caption}", "", f"![{caption}]({path})"]
-    return "\n".join(lines) + "\n"
-
-
-def _figure(width: float = 4.5, height: float = 4.0) -> Any:
-    # A bare Figure renders with Agg and never touches pyplot's global state or a display.
-    from matplotlib.figure import Figure
-
-    return Figure(figsize=(width, height), dpi=100)
-
-
-def plot_roc(scores: Any, labels: Any, path: str | Path, title: str = "Alignment ROC") -> Path:
-    """ROC curve with its AUC, as a PNG."""
-    fpr, tpr, _ = roc_curve(scores, labels)
-    figure = _figure()
-    axes = figure.add_subplot()
-    axes.plot(fpr, tpr, label=f"AUC = {roc_auc(scores, labels):.3f}")
-    axes.plot([0, 1], [0, 1], linestyle="--", color="grey", label="chance")
-    axes.set(xlabel="false positive rate", ylabel="true positive rate", title=title, xlim=(0, 1), ylim=(0, 1))
-    axes.legend(loc="lower right")
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    return Path(path)
-
-
-def plot_rank_histogram(ranks: Any, path: str | Path, title: str = "Text-to-video retrieval ranks") -> Path:
-    """Histogram of retrieval ranks (1 is best), as a PNG."""
-    ranks = to_numpy(ranks).astype(np.float64)
-    figure = _figure()
-    axes = figure.add_subplot()
-    bins = np.arange(0.5, max(float(ranks.max()) if ranks.size else 1.0, 1.0) + 1.5)
-    axes.hist(ranks, bins=bins)
-    axes.set(xlabel="rank of the right video", ylabel="queries", title=title)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    return Path(path)
-
-
-def plot_confusion(
-    matrix: Any, class_names: Sequence[str], path: str | Path, title: str = "Confusion"
-) -> Path:
-    """Confusion matrix with counts in the cells, as a PNG."""
-    matrix = to_numpy(matrix)
-    size = max(3.0, 0.6 * len(class_names) + 2)
-    figure = _figure(size, size)
-    axes = figure.add_subplot()
-    axes.imshow(matrix, cmap="Blues")
-    ticks = np.arange(len(class_names))
-    axes.set_xticks(ticks, labels=list(class_names), rotation=45, ha="right")
-    axes.set_yticks(ticks, labels=list(class_names))
-    for (row, column), count in np.ndenumerate(matrix):
-        axes.text(column, row, str(count), ha="center", va="center", fontsize=8)
-    axes.set(xlabel="predicted", ylabel="true", title=title)
-    figure.tight_layout()
-    figure.savefig(path, format="png")
-    return Path(path)
+def rows_to_columns(table: pa.Table) -> HeldOut:
+    """Token rows (TOKENS_SCHEMA) -> the columns the example builder reads."""
+    columns = table.select(["video_id", "segment_index", "text_ids", "video_tokens"]).to_pydict()
+    return HeldOut(columns)

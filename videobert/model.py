@@ -1,4 +1,4 @@
-"""The VideoBERT Transformer: one file, its config, a named size registry (nanoGPT style).
+"""The VideoBERT Transformer: one file, its config, named sizes from videobert.model_sizes (nanoGPT style).
 
 Layout matches Hugging Face BERT (post-LayerNorm, GELU, learned positions, token types), so a
 BERT checkpoint can initialise it (`init_from_bert`) and a trained model exports to
@@ -29,6 +29,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from videobert.model_sizes import MODEL_SIZES
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[>]"]
 PAD, UNK, CLS, SEP, MASK, VIDEO_SEP = range(len(SPECIAL_TOKENS))
@@ -121,14 +123,11 @@ class VideoBertConfig:
     ) -> VideoBertConfig:
         if size not in MODEL_SIZES:
             raise ValueError(f"unknown model size {size!r} (known: {', '.join(MODEL_SIZES)})")
-        return cls(vocab_size=vocab_size, max_positions=max_positions, **{**MODEL_SIZES[size], **overrides})
-
-
-MODEL_SIZES: dict[str, dict[str, int]] = {
-    "debug": dict(hidden=64, layers=2, heads=2, intermediate=256),
-    "base": dict(hidden=768, layers=12, heads=12, intermediate=3072),
-    "large": dict(hidden=1024, layers=24, heads=16, intermediate=4096),  # the paper's size
-}
+        limit = MODEL_SIZES[size].max_positions
+        if limit is not None and max_positions > limit:
+            raise ValueError(f"model size {size!r} supports at most {limit} positions, not {max_positions}")
+        shape = {**MODEL_SIZES[size].shape(), **overrides}
+        return cls(vocab_size=vocab_size, max_positions=max_positions, **shape)
 
 
 class Embeddings(nn.Module):

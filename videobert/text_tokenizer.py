@@ -38,7 +38,7 @@ from typing import Any
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-from videobert import storage
+from videobert import storage, versions
 from videobert.config import S3Config
 from videobert.tables import Layout
 
@@ -263,12 +263,7 @@ def _merge_pair(seq: list[int], left: int, right: int, new: int) -> list[int]:
 
 def list_tokenizers(output: str, s3: S3Config | None = None) -> list[dict[str, Any]]:
     """meta.json of every saved tokenizer under `<output>/text/`, with its `uri`."""
-    found = []
-    for meta_uri in storage.list_files(Layout(output).text, s3, suffix="/" + META_FILE):
-        meta = json.loads(storage.read_bytes(meta_uri, s3))
-        meta["uri"] = meta_uri[: -len(META_FILE) - 1]
-        found.append(meta)
-    return found
+    return versions.list_versions(Layout(output).text, META_FILE, s3)
 
 
 def latest_tokenizer(
@@ -283,13 +278,10 @@ def latest_tokenizer(
     `source` is "trained" or the vocab file it was built from; `requested_vocab_size` is the
     vocab_size a trained tokenizer was asked for (it may have fewer tokens on a small corpus).
     """
-    matches = [
-        meta
-        for meta in list_tokenizers(output, s3)
-        if (source is None or meta.get("source") == source)
-        and (lowercase is None or meta.get("lowercase") == lowercase)
-        and (requested_vocab_size is None or meta.get("requested_vocab_size") == requested_vocab_size)
-    ]
-    if not matches:
-        return None
-    return max(matches, key=lambda meta: (meta.get("created_at", ""), meta["version"]))["uri"]
+    meta = versions.newest(
+        list_tokenizers(output, s3),
+        source=source,
+        lowercase=lowercase,
+        requested_vocab_size=requested_vocab_size,
+    )
+    return meta["uri"] if meta is not None else None

@@ -1,6 +1,6 @@
 """Token shards: each video's clip features + transcript -> aligned segments in `tokens/`.
 
-`VideoTokenizer` is the batch body of the tokenize stage (a Ray Data actor in
+`TokenShardWriter` is the batch body of the tokenize stage (a Ray Data actor in
 pipelines/tokenize.py, but plain Python here): it loads the codebook and the text tokenizer
 once, and for a batch of videos reads their features (ordered by clip_index), assigns visual
 words in one batched call (GPU when there is one), parses each transcript, aligns, and
@@ -12,16 +12,29 @@ for a bad video.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from videobert import storage
 from videobert.align import Segment, align_segments
 from videobert.codebook import HierarchicalCodebook, default_device
-from videobert.config import S3Config
-from videobert.tables import FEATURE_DIM, TOKENS_SCHEMA, Layout
+from videobert.config import ExperimentConfig, S3Config
+from videobert.results import CodebookResult, TokenizeResult, TokenizerResult, find_tokenizer
+from videobert.tables import (
+    FEATURE_DIM,
+    TOKENS_SCHEMA,
+    Layout,
+    append_manifest,
+    append_tokens_manifest,
+    compact_tokens_manifest,
+    read_manifest,
+    read_tokens_manifest,
+)
 from videobert.text_tokenizer import TextTokenizer
 from videobert.transcripts import Sentence, TranscriptError, parse_transcript, to_sentences
 
@@ -104,7 +117,7 @@ def segments_table(
     return pa.table(columns, schema=TOKENS_SCHEMA)
 
 
-class VideoTokenizer:
+class TokenShardWriter:
     """Batch of videos (columns video_id, transcript_uri) -> token files + status rows."""
 
     def __init__(
@@ -192,3 +205,133 @@ def read_tokens(
         return TOKENS_SCHEMA.empty_table()
     table = table.select(TOKENS_SCHEMA.names).cast(TOKENS_SCHEMA)
     return table.sort_by([("video_id", "ascending"), ("segment_index", "ascending")])
+
+
+# ---- the tokenize stage's plan (Ray glue: pipelines/tokenize.py) ------------------------------
+
+
+def sentences_of_transcripts(uris: list[str], s3: S3Config | None, max_gap_s: float) -> list[str]:
+    """Sentences of every usable transcript among `uris` (one that cannot be used is skipped
+    here: tokenize records its error per video)."""
+    texts: list[str] = []
+    for uri in uris:
+        try:
+            texts.extend(s.text for s in load_sentences(uri, s3, max_gap_s))
+        except TranscriptError:
+            continue
+    return texts
+
+
+def ensure_tokenizer(config: ExperimentConfig, corpus_sentences: Callable[[], list[str]]) -> TokenizerResult:
+    """The tokenizer the `text` section selects (`results.find_tokenizer`), built or trained
+    and saved when it does not exist yet, or retrained with `text.retrain`.
+
+    `text.vocab` set: built from that vocab file. Otherwise the newest tokenizer trained with
+    this vocab_size and lower-casing is reused, and one is trained on `corpus_sentences()` only
+    when none exists: a new corpus alone does not retrain it, so token versions stay stable
+    while videos are added.
+    """
+    text, s3 = config.text, config.s3
+    existing = find_tokenizer(config)
+    if existing is not None and (text.vocab or not text.retrain):
+        return existing
+    if text.vocab:
+        tokenizer = TextTokenizer.from_vocab_file(text.vocab, text.lowercase, s3)
+    else:
+        sentences = corpus_sentences()
+        if not sentences:
+            log.warning("no usable transcripts in the corpus: the tokenizer holds only its special tokens")
+        tokenizer = TextTokenizer.train(sentences, text.vocab_size, text.lowercase)
+        log.info(
+            "trained a %d-token WordPiece vocabulary on %d sentences", tokenizer.vocab_size, len(sentences)
+        )
+    return TokenizerResult(tokenizer.save_to_output(config.output, s3), tokenizer.version)
+
+
+@dataclass
+class TokenizePlan:
+    """What a tokenize run has to do for one (codebook, tokenizer) pair."""
+
+    result: TokenizeResult
+    videos: pa.Table
+    """The manifest's `ok` rows to tokenize."""
+    inputs: dict[str, dict[str, Any]]
+    """video_id -> what its token file is made from now (tokens-manifest INPUT_COLUMNS)."""
+    existing_files: dict[str, str]
+    """video_id -> its token file, for every file already in the directory."""
+
+    def items(self) -> list[dict[str, str]]:
+        """The rows the TokenShardWriter actors take."""
+        return [
+            {"video_id": v, "transcript_uri": t or ""}
+            for v, t in zip(
+                self.videos.column("video_id").to_pylist(),
+                self.videos.column("transcript_uri").to_pylist(),
+                strict=True,
+            )
+        ]
+
+
+def plan_tokenize(
+    config: ExperimentConfig, codebook: CodebookResult, tokenizer: TokenizerResult
+) -> TokenizePlan:
+    """Compare the `ok` videos with the tokens manifest; remove token files of videos that
+    failed since (they were made from features that no longer count)."""
+    output, s3 = config.output, config.s3
+    manifest = read_manifest(output, s3)
+    ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
+    directory = Layout(output).tokens(codebook.version, tokenizer.version)
+    files = {storage.stem(f): f for f in storage.list_files(directory, s3, suffix=".parquet")}
+    made_from = {
+        row["video_id"]: inputs_key(row)
+        for row in read_tokens_manifest(output, codebook.version, tokenizer.version, s3).to_pylist()
+    }
+    # Transcript ETags are read before tokenizing: one that changes meanwhile is redone next run.
+    etags = transcript_etags([u for u in ok.column("transcript_uri").to_pylist() if u], config.source, s3)
+    inputs = {row["video_id"]: token_inputs(row, etags.get(row["transcript_uri"])) for row in ok.to_pylist()}
+    done = {v for v, want in inputs.items() if v in files and made_from.get(v) == inputs_key(want)}
+    todo = ok.filter(pc.invert(pc.is_in(ok.column("video_id"), pa.array(sorted(done), pa.string()))))
+    removed = sorted((set(manifest.column("video_id").to_pylist()) - set(inputs)) & set(files))
+    for vid in removed:
+        storage.delete(files.pop(vid), s3)
+    result = TokenizeResult(
+        directory,
+        codebook,
+        tokenizer,
+        videos_done_before=len(done),
+        videos_changed=sum(1 for v in todo.column("video_id").to_pylist() if v in files),
+        videos_removed=len(removed),
+    )
+    return TokenizePlan(result, todo, inputs, files)
+
+
+def record_tokenized(config: ExperimentConfig, plan: TokenizePlan, statuses: list[dict[str, Any]]) -> None:
+    """After the writers wrote the token files: manifest rows for transcript and feature errors,
+    then the tokens manifest (what each file was made from), then the counts."""
+    output, s3 = config.output, config.s3
+    result = plan.result
+    rows_by_id = {row["video_id"]: row for row in plan.videos.to_pylist()}
+    updates = []
+    for status in statuses:
+        row = {k: v for k, v in rows_by_id[status["video_id"]].items() if k != "updated_at"}
+        if status["error"]:
+            updates.append({**row, "status": "error", "error": status["error"]})
+        elif (status["transcript_error"] or None) != (row.get("transcript_error") or None):
+            updates.append({**row, "transcript_error": status["transcript_error"]})
+    append_manifest(output, updates, s3)
+    made = [
+        {"video_id": s["video_id"], **plan.inputs[s["video_id"]], "segments": int(s["segments"])}
+        for s in statuses
+        if not s["error"]
+    ]
+    codebook_version, tokenizer_version = result.codebook.version, result.tokenizer.version
+    append_tokens_manifest(output, codebook_version, tokenizer_version, made, s3)
+    compact_tokens_manifest(output, codebook_version, tokenizer_version, s3)
+    # A video whose features cannot be read now must not keep tokens made from older ones.
+    for status in statuses:
+        if status["error"] and status["video_id"] in plan.existing_files:
+            storage.delete(plan.existing_files[status["video_id"]], s3)
+    result.videos_tokenized = sum(1 for s in statuses if not s["error"])
+    result.segments = sum(int(s["segments"]) for s in statuses)
+    result.transcript_errors = sum(1 for s in statuses if s["transcript_error"])
+    result.errors = sum(1 for s in statuses if s["error"])

@@ -1,51 +1,119 @@
-"""MLflow for pretraining: run params and lineage, metrics from rank 0, the registered model.
+"""MLflow runs: where they are tracked, the pretraining run's lifecycle, its metrics and lineage.
 
-The registered model is an MLflow pyfunc whose artifacts are plain files written by us:
-`model.safetensors` (consolidated fp32 weights), `config.json` (the model shape),
-`vocab.json` (the joint vocabulary), `metadata.json` (codebook / tokenizer versions and URIs)
-and `experiment.yaml` (the whole config). No pickled tensors and no torch.export (which would
-fix the sequence length): `predict` takes token sequences of any length up to max_positions.
-The python model class is pickled by reference, and the `videobert` package travels with the
-model as code (`code_paths`) so it loads where the package is not installed.
+Tracking URI, in order: `mlflow.tracking_uri` in the config, else MLFLOW_TRACKING_URI, else a
+SQLite file beside the outputs (`<output>/mlflow.db`) for a local output. An s3:// output
+cannot hold SQLite, so then the store is `./mlflow.db` in the working directory (logged).
+
+The model registry (the logged pyfunc model, aliases, promotion) is in videobert/registry.py.
+mlflow is imported inside the functions, so importing this module stays cheap for Ray drivers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import json
 import logging
 import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
-import mlflow
-import mlflow.pyfunc
 import numpy as np
-import pandas as pd
-import torch
 
-import videobert
-from videobert.config import ConfigError, ExperimentConfig, config_to_yaml, flat_params
-from videobert.model import (
-    MASK,
-    VIDEO_SEP,
-    VIDEO_TYPE,
-    JointVocab,
-    VideoBert,
-    VideoBertConfig,
-    load_pretrained,
-    save_pretrained,
-)
+from videobert import storage
+from videobert.config import ExperimentConfig, flat_params
 from videobert.storage import ObjectInfo
+from videobert.tables import Layout
 
 log = logging.getLogger(__name__)
 
 RUN_NAME_TAG = "videobert.train_run"  # the Ray Train run name: a rerun continues the same MLflow run
-CANDIDATE_ALIAS = "candidate"
-MODEL_FILES_DIR = "videobert"  # our plain files' folder among the logged pyfunc's artifacts
 LOSS_CURVE_KEYS = ("loss", "mlm_loss_text", "mlm_loss_video", "mlm_loss_joint", "align_loss")
+ENV_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+# -- where runs are tracked -------------------------------------------------------------------
+
+
+def tracking_uri(config: ExperimentConfig) -> str:
+    """Where MLflow runs of this experiment are tracked (see the module docstring)."""
+    if config.mlflow.tracking_uri:
+        return config.mlflow.tracking_uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if not storage.is_s3(config.output):
+        os.makedirs(config.output, exist_ok=True)
+        return f"sqlite:///{os.path.abspath(Layout(config.output).mlflow_db)}"
+    fallback = os.path.abspath("mlflow.db")
+    log.warning(
+        "output %s is on S3 and no MLflow tracking URI is set: tracking in sqlite:///%s "
+        "(set mlflow.tracking_uri or MLFLOW_TRACKING_URI to share runs)",
+        config.output,
+        fallback,
+    )
+    return f"sqlite:///{fallback}"
+
+
+def artifact_location(config: ExperimentConfig) -> str | None:
+    """Artifact root for a new experiment on a local SQLite store: `<output>/mlartifacts`."""
+    uri = tracking_uri(config)
+    if uri.startswith("sqlite:") and not storage.is_s3(config.output):
+        return os.path.abspath(storage.join(config.output, "mlartifacts"))
+    return None
+
+
+@contextlib.contextmanager
+def preserved_uri_env() -> Iterator[None]:
+    """Put MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI back as they were on leaving."""
+    before = {name: os.environ.get(name) for name in ENV_URIS}
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def use_tracking_uri(uri: str) -> None:
+    """Point MLflow's runs and model registry at `uri`, without touching the environment.
+
+    The registry lives in the same store as the runs (the registered model's lineage links
+    to its run). MLflow 3's `set_tracking_uri` / `set_registry_uri` also export the URI as
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which `tracking_uri()` and MLflow read as the
+    user's choice: a second experiment in the same process (or a Ray worker started later)
+    would then land in the first one's store. So the variables are put back as they were.
+    """
+    import mlflow
+
+    with preserved_uri_env():
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+
+
+def setup_experiment(config: ExperimentConfig) -> str:
+    """Point MLflow at this experiment's store and experiment; returns the experiment id."""
+    import mlflow
+
+    use_tracking_uri(tracking_uri(config))
+    experiment = mlflow.get_experiment_by_name(config.mlflow.experiment)
+    if experiment is not None:
+        mlflow.set_experiment(experiment_id=experiment.experiment_id)
+        return experiment.experiment_id
+    try:
+        experiment_id = mlflow.create_experiment(
+            config.mlflow.experiment, artifact_location=artifact_location(config)
+        )
+    except Exception:  # created concurrently by another stage: use that one
+        experiment = mlflow.get_experiment_by_name(config.mlflow.experiment)
+        if experiment is None:
+            raise
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+# -- the pretraining run ----------------------------------------------------------------------
 
 
 def token_digest(files: list[ObjectInfo]) -> str:
@@ -62,8 +130,6 @@ def start_or_resume_run(config: ExperimentConfig, run_name: str) -> tuple[str, b
     Returns (run_id, resumed). Config params are logged once, when the run is created.
     """
     import mlflow
-
-    from videobert.mlflow_utils import setup_experiment
 
     experiment_id = setup_experiment(config)
     client = mlflow.MlflowClient()
@@ -152,203 +218,11 @@ def log_loss_curve(run_id: str) -> None:
     plt.close(figure)
 
 
-class VideoBertPyfunc(mlflow.pyfunc.PythonModel):
-    """`predict`: token sequences of any length -> embeddings, MLM and alignment scores.
+def __getattr__(name: str) -> Any:
+    # Models registered before the registry moved out of this module pickled their class as
+    # videobert.tracking.VideoBertPyfunc; unpickling looks it up here, so they still load.
+    if name == "VideoBertPyfunc":
+        from videobert.registry import VideoBertPyfunc
 
-    Input: a DataFrame with `input_ids` (joint ids, a list per row) and optionally
-    `token_type_ids` (else derived: video after `[>]` or for visual-word ids).
-    Output per row: `embedding` (mean of the last hidden states), `cls_embedding`,
-    `alignment_score` (probability that text and video are aligned), and at each `[MASK]`:
-    `mlm_predictions` (joint ids) and `mlm_scores` (their probabilities).
-    """
-
-    def load_context(self, context: Any) -> None:
-        root = Path(context.artifacts["model"])
-        self.model, self.vocab = load_pretrained(root)
-        self.metadata = json.loads((root / "metadata.json").read_text())
-
-    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        return predict_frame(self.model, self.vocab, model_input)
-
-
-def _token_types(ids: np.ndarray, vocab: JointVocab) -> np.ndarray:
-    """Token types as the example builder sets them: video after `[>]`, all video when no text."""
-    if (ids == VIDEO_SEP).any():
-        return np.where(np.arange(len(ids)) > np.argmax(ids == VIDEO_SEP), VIDEO_TYPE, 0)
-    has_text = ((ids >= vocab.text_offset) & ~vocab.is_video(ids)).any()
-    return np.full(len(ids), 0 if has_text or not vocab.is_video(ids).any() else VIDEO_TYPE)
-
-
-@torch.no_grad()
-def predict_frame(model: VideoBert, vocab: JointVocab, frame: pd.DataFrame) -> pd.DataFrame:
-    """Run the model on a DataFrame of variable-length sequences (one padded batch)."""
-    sequences = [np.asarray(ids, np.int64) for ids in frame["input_ids"]]
-    if not sequences or min(len(s) for s in sequences) == 0:
-        raise ValueError("every row needs a non-empty input_ids list")
-    if "token_type_ids" in frame:
-        types = [np.asarray(t, np.int64) for t in frame["token_type_ids"]]
-    else:
-        types = [_token_types(s, vocab) for s in sequences]
-    width = max(len(s) for s in sequences)
-    ids = np.zeros((len(sequences), width), np.int64)
-    type_ids = np.zeros_like(ids)
-    seq_ids = np.zeros_like(ids)  # one sequence per row; 0 marks padding
-    for row, (s, t) in enumerate(zip(sequences, types, strict=True)):
-        ids[row, : len(s)], type_ids[row, : len(s)], seq_ids[row, : len(s)] = s, t, 1
-    device = next(model.parameters()).device
-    tensors = [torch.as_tensor(a, device=device) for a in (ids, type_ids, seq_ids)]
-    hidden = model.encode(tensors[0], tensors[1], seq_ids=tensors[2])  # [R, T, H]
-    real = tensors[2].unsqueeze(-1).float()  # [R, T] -> [R, T, 1]
-    embedding = (hidden * real).sum(1) / real.sum(1)
-    cls_positions = torch.arange(len(sequences), device=device) * width
-    alignment = torch.sigmoid(model.alignment_logits(hidden, cls_positions))
-    mask_positions = torch.nonzero((tensors[0] == MASK).reshape(-1)).squeeze(-1)
-    predictions, scores = [[] for _ in sequences], [[] for _ in sequences]
-    if mask_positions.numel():
-        probabilities = torch.softmax(model.mlm_logits(hidden, mask_positions).float(), -1)
-        best, best_ids = probabilities.max(-1)
-        for position, token, score in zip(
-            mask_positions.tolist(), best_ids.tolist(), best.tolist(), strict=True
-        ):
-            predictions[position // width].append(int(token))
-            scores[position // width].append(float(score))
-    return pd.DataFrame(
-        {
-            "embedding": [e.tolist() for e in embedding.float().cpu().numpy()],
-            "cls_embedding": [h[0].tolist() for h in hidden.float().cpu().numpy()],
-            "alignment_score": alignment.float().cpu().numpy().astype(np.float64),
-            "mlm_predictions": predictions,
-            "mlm_scores": scores,
-        }
-    )
-
-
-def input_example(vocab: JointVocab) -> pd.DataFrame:
-    """Two sequences of different lengths: a masked text+video pair and a video-only one."""
-    t, v = vocab.text_ids, vocab.video_ids
-    joint = [2, t(0), MASK, t(1 % vocab.text_size), VIDEO_SEP, v(0), MASK, v(1 % vocab.num_visual), 3]
-    video_only = [2, v(0), v(1 % vocab.num_visual), MASK, 3]
-    return pd.DataFrame({"input_ids": [joint, video_only]})
-
-
-def log_and_register_model(
-    run_id: str,
-    model: VideoBert,
-    vocab: JointVocab,
-    metadata: dict[str, Any],
-    config: ExperimentConfig,
-    registered_model: str,
-    alias: str = CANDIDATE_ALIAS,
-) -> str:
-    """Log the pyfunc model into the run, register it and set `alias`; returns the version."""
-    import mlflow
-    from mlflow.models import infer_signature
-
-    model = model.float().cpu().eval()
-    example = input_example(vocab)
-    signature = infer_signature(example, predict_frame(model, vocab, example))
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / MODEL_FILES_DIR
-        save_pretrained(model, vocab, model_dir)
-        (model_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
-        (model_dir / "experiment.yaml").write_text(config_to_yaml(config))
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=VideoBertPyfunc(),
-                artifacts={"model": str(model_dir)},
-                code_paths=[os.path.dirname(videobert.__file__)],
-                signature=signature,
-                input_example=example,
-                pip_requirements=[
-                    f"torch>={torch.__version__.split('+')[0]}",
-                    "numpy",
-                    "pandas",
-                    "safetensors",
-                    "pyyaml",
-                ],
-                registered_model_name=registered_model,
-            )
-    version = str(info.registered_model_version)
-    mlflow.MlflowClient().set_registered_model_alias(registered_model, alias, version)
-    return version
-
-
-def load_registered_model(model_uri: str) -> tuple[VideoBert, JointVocab, dict[str, Any]]:
-    """(model in eval mode on CPU, its vocabulary, metadata) from e.g. `models:/videobert@candidate`."""
-    import mlflow.pyfunc
-
-    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    return python_model.model, python_model.vocab, python_model.metadata
-
-
-@dataclass(frozen=True)
-class ModelVersionInfo:
-    """One registered model version (an alias resolved), with its shape, read without its weights."""
-
-    name: str
-    version: str
-    requested: str
-    """The URI asked for, e.g. models:/videobert@champion."""
-    metadata: dict[str, Any]
-    """metadata.json: codebook_uri / codebook_version, tokenizer, max_seq_len, ..."""
-    config: VideoBertConfig
-    num_visual: int
-    """Visual words in the model's vocabulary (must equal its codebook's size)."""
-
-    @property
-    def uri(self) -> str:
-        """The pinned URI: the same weights however the alias moves later."""
-        return f"models:/{self.name}/{self.version}"
-
-
-def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
-    """`models:/<name>@<alias>` -> (name, alias, None); `models:/<name>/<version>` -> (name, None, version)."""
-    rest = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
-    name, at, alias = rest.partition("@")
-    if at and name and alias and "/" not in alias:
-        return name, alias, None
-    name, slash, version = rest.rpartition("/")
-    if not at and slash and name and version.isdigit():
-        return name, None, version
-    raise ConfigError(
-        f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
-    )
-
-
-def resolve_model_version(model_uri: str) -> ModelVersionInfo:
-    """Resolve an alias or version in the current registry and read the version's small files.
-
-    Raises ConfigError (naming the URI) when the model, alias or version does not exist.
-    """
-    from mlflow.artifacts import download_artifacts
-    from mlflow.exceptions import MlflowException
-
-    name, alias, version = parse_model_uri(model_uri)
-    client = mlflow.MlflowClient()
-    try:
-        if alias is not None:
-            version = str(client.get_model_version_by_alias(name, alias).version)
-        else:
-            client.get_model_version(name, str(version))
-    except MlflowException as error:
-        raise ConfigError(
-            f"{model_uri}: no such registered model version in {mlflow.get_registry_uri()} ({error.message}); "
-            "run `videobert pretrain` (and `videobert promote` for @champion) or pick a version with "
-            "--set embed.model_uri=models:/<name>/<version>"
-        ) from error
-    files = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for file in ("metadata.json", "config.json", "vocab.json"):
-            path = download_artifacts(
-                artifact_uri=f"models:/{name}/{version}/artifacts/{MODEL_FILES_DIR}/{file}", dst_path=tmp
-            )
-            files[file] = json.loads(Path(path).read_text())
-    return ModelVersionInfo(
-        name=name,
-        version=str(version),
-        requested=model_uri,
-        metadata=files["metadata.json"],
-        config=VideoBertConfig(**files["config.json"]),
-        num_visual=int(files["vocab.json"]["num_visual"]),
-    )
+        return VideoBertPyfunc
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

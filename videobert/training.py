@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from videobert.config import TrainConfig
-from videobert.examples import IGNORE, REGIMES
 from videobert.model import VideoBert
+from videobert.training_examples import IGNORE, REGIMES
 
 CHECKPOINT_TAG = "ds"  # one DeepSpeed tag per checkpoint directory; the step lives in client_state
 
@@ -230,3 +231,79 @@ def consolidated_fp32_state(directory: str | os.PathLike[str]) -> dict[str, torc
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
     """Model FLOPs utilisation from counted FLOPs."""
     return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else math.nan
+
+
+# ---- the training loop ---------------------------------------------------------------------------
+
+
+def replayed_batches(
+    read_epoch: Callable[[], Iterable[dict[str, np.ndarray]]],
+    build: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]],
+    seed: Sequence[int],
+    keep_rows: int,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Training micro-batches forever, epoch after epoch, from batches of token rows.
+
+    `read_epoch()` streams one epoch of row batches (a Ray Data shard, a list, ...) and
+    `build(rows, rng)` turns rows into a training micro-batch. A corpus of at most `keep_rows`
+    rows is read once and then replayed from memory in a new order each epoch: restarting a
+    stream per epoch costs seconds, which would dominate a small corpus. A larger one streams
+    every epoch. Epoch e draws from `default_rng([*seed, e])`.
+    """
+    kept: list[dict[str, np.ndarray]] | None = []
+    kept_rows, epoch = 0, 0
+    while True:
+        rng = np.random.default_rng([*seed, epoch])
+        if epoch > 0 and kept is not None:
+            for index in rng.permutation(len(kept)):
+                yield build(kept[index], rng)
+            epoch += 1
+            continue
+        seen = False
+        for rows in read_epoch():
+            seen = True
+            if kept is not None:
+                kept.append(rows)
+                kept_rows += len(next(iter(rows.values())))
+                kept = kept if kept_rows <= keep_rows else None
+            yield build(rows, rng)
+        if not seen:
+            raise RuntimeError("the training data holds no token rows")
+        epoch += 1
+
+
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
+def train_loop(
+    engine: Any,
+    batches: Iterator[dict[str, np.ndarray]],
+    train: TrainConfig,
+    start_step: int = 0,
+    on_log: StepCallback | None = None,
+    on_checkpoint: StepCallback | None = None,
+    on_step: StepCallback | None = None,
+) -> dict[str, float]:
+    """Optimizer steps from `start_step` to `train.steps`; returns the last step's metrics.
+
+    Callbacks take (step, metrics): `on_step` after every step, `on_log` every `log_every`
+    steps and at the end, `on_checkpoint` every `checkpoint_every` steps and at the end. A run
+    that is already finished checkpoints once more and trains nothing, so a rerun reports it.
+    """
+    metrics: dict[str, float] = {}
+    if start_step >= train.steps:
+        if on_checkpoint is not None:
+            on_checkpoint(start_step, metrics)
+        return metrics
+    step = start_step
+    while step < train.steps:
+        metrics = train_step(engine, [next(batches) for _ in range(train.grad_accum)]).metrics
+        step += 1
+        last = step == train.steps
+        if on_step is not None:
+            on_step(step, metrics)
+        if on_log is not None and (step % train.log_every == 0 or last):
+            on_log(step, metrics)
+        if on_checkpoint is not None and (step % train.checkpoint_every == 0 or last):
+            on_checkpoint(step, metrics)
+    return metrics

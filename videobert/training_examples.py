@@ -37,7 +37,9 @@ IGNORE = -100
 
 
 @dataclass
-class Segment:
+class TrainingSegment:
+    """One token row as the example builder reads it: ids, not text and times (see align.Segment)."""
+
     video_id: str
     segment_index: int
     text_ids: np.ndarray  # tokenizer ids
@@ -57,10 +59,10 @@ class Example:
         return len(self.input_ids)
 
 
-def segments_from_columns(columns: Mapping[str, Sequence[Any]]) -> list[Segment]:
+def segments_from_columns(columns: Mapping[str, Sequence[Any]]) -> list[TrainingSegment]:
     """Token rows as columns (a Ray Data numpy batch, a pyarrow table's pydict) -> segments."""
     return [
-        Segment(
+        TrainingSegment(
             str(video),
             int(index),
             np.asarray(text if text is not None else [], dtype=np.int64),
@@ -121,7 +123,9 @@ class ExampleBuilder:
 
     # -- one example -----------------------------------------------------------------------
 
-    def _span(self, segments: list[Segment], i: int, rng: np.random.Generator) -> list[Segment]:
+    def _span(
+        self, segments: list[TrainingSegment], i: int, rng: np.random.Generator
+    ) -> list[TrainingSegment]:
         """Segment i, randomly concatenated with its following neighbours of the same video."""
         span = [segments[i]]
         if self.config.max_concat > 1 and rng.random() < self.config.concat_prob:
@@ -177,7 +181,7 @@ class ExampleBuilder:
 
     # -- a batch ---------------------------------------------------------------------------
 
-    def examples(self, segments: list[Segment], rng: np.random.Generator) -> list[Example]:
+    def examples(self, segments: list[TrainingSegment], rng: np.random.Generator) -> list[Example]:
         """One example per segment; regimes assigned in equal shares (as far as the data allows)."""
         self.check_ids(segments)
         order = sorted(range(len(segments)), key=lambda i: (segments[i].video_id, segments[i].segment_index))
@@ -208,7 +212,7 @@ class ExampleBuilder:
             out.append(self._example(int(regime), text, video, aligned, rate, rng))
         return out
 
-    def check_ids(self, segments: list[Segment]) -> None:
+    def check_ids(self, segments: list[TrainingSegment]) -> None:
         """Token ids outside the vocabulary mean shards from another tokenizer or codebook."""
         for s in segments:
             if len(s.text_ids) and not 0 <= s.text_ids.min() <= s.text_ids.max() < self.vocab.text_size:
@@ -226,7 +230,7 @@ class ExampleBuilder:
                 )
 
     def _misaligned_video(
-        self, segments: list[Segment], i: int, span: int, rng: np.random.Generator
+        self, segments: list[TrainingSegment], i: int, span: int, rng: np.random.Generator
     ) -> np.ndarray | None:
         """Video tokens of a segment outside the span: another video when possible."""
         own = segments[i].video_id

@@ -1,0 +1,165 @@
+"""One adapter from library stages to Ray Data, with one rule for sizing actor pools.
+
+A library stage is a plain class: its constructor loads what it needs once (an encoder, a
+codebook, a model) and `__call__` maps one batch (videobert.videos.ClipFeatures,
+videobert.token_shards.TokenShardWriter, videobert.embedding.VideoEmbedder, ...). `map_stage`
+runs it as a pool of Ray actors through `map_batches(compute=ActorPoolStrategy(...))`, and
+`map_tasks` runs a plain function as Ray tasks through `compute=TaskPoolStrategy(...)`: the one
+compute idiom every stage uses.
+
+The sizing rule (`actor_pool`):
+- a cluster with GPUs: one actor per GPU, each holding one GPU and one CPU;
+- CPU only: one actor per node, holding that node's CPUs less what the stage's upstream tasks
+  need (`reserve_cpus`, e.g. the decode tasks feeding extract's feature actors).
+Never more actors than batches of work. Inside each actor torch uses as many threads as the
+actor holds CPUs (at most the cores its machine has): one S3D forward on every core it paid
+for, rather than one thread while the other cores idle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from videobert.config import ExperimentConfig
+
+
+@dataclass(frozen=True)
+class ActorPool:
+    """How many actors a stage gets and what each one holds."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+
+    @property
+    def torch_threads(self) -> int:
+        return max(1, math.ceil(self.cpus_per_actor))
+
+
+def actor_pool(
+    work_batches: int,
+    reserve_cpus: float = 0.0,
+    actors: int | None = None,
+    cpus_per_actor: float | None = None,
+) -> ActorPool:
+    """The pool for `work_batches` batches of work on this cluster (see the module doc);
+    `actors` and `cpus_per_actor` override the rule when a config sets them."""
+    import ray
+
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus:
+        count = actors or gpus
+        return ActorPool(max(1, min(count, work_batches)), cpus_per_actor or 1.0, 1.0)
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) > 0]
+    node_cpus = min((n["Resources"]["CPU"] for n in nodes), default=1.0)
+    per_actor = cpus_per_actor or max(1.0, node_cpus - reserve_cpus)
+    count = actors or max(1, len(nodes) * int(node_cpus // per_actor))
+    return ActorPool(max(1, min(count, work_batches)), per_actor, 0.0)
+
+
+def _with_torch_threads(stage: type, threads: int) -> type:
+    """`stage`, whose actors first set torch's thread count to their CPU allotment."""
+
+    class Stage(stage):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            import torch
+
+            # Ray pins OMP_NUM_THREADS to the actor's CPUs only for whole numbers, and a
+            # local instance may count more logical CPUs than the machine has cores.
+            torch.set_num_threads(min(threads, os.cpu_count() or threads))
+            super().__init__(*args, **kwargs)
+
+    Stage.__name__ = Stage.__qualname__ = stage.__name__
+    return Stage
+
+
+def map_stage(
+    dataset: Any,
+    stage: type,
+    pool: ActorPool,
+    batch_size: int | None,
+    batch_format: str = "numpy",
+    **constructor_kwargs: Any,
+) -> Any:
+    """`dataset.map_batches` with `stage` on an actor pool sized by `pool`."""
+    import ray.data
+
+    return dataset.map_batches(
+        _with_torch_threads(stage, pool.torch_threads),
+        fn_constructor_kwargs=constructor_kwargs,
+        batch_size=batch_size,
+        batch_format=batch_format,
+        compute=ray.data.ActorPoolStrategy(size=pool.actors),
+        num_cpus=pool.cpus_per_actor,
+        num_gpus=pool.gpus_per_actor,
+    )
+
+
+def flat_map_tasks(
+    dataset: Any, fn: Callable[..., Any], max_tasks: int | None, cpus_per_task: float = 1.0, **kwargs: Any
+) -> Any:
+    """`dataset.flat_map(fn)` as Ray tasks, at most `max_tasks` at once (None: as the cluster allows)."""
+    import ray.data
+
+    return dataset.flat_map(
+        fn,
+        fn_kwargs=kwargs,
+        compute=ray.data.TaskPoolStrategy(size=max_tasks),
+        num_cpus=cpus_per_task,
+    )
+
+
+def map_tasks(
+    dataset: Any, fn: Callable[..., Any], batch_size: int | None, batch_format: str = "numpy"
+) -> Any:
+    """`dataset.map_batches(fn)` as Ray tasks (a plain function, nothing to load once)."""
+    import ray.data
+
+    return dataset.map_batches(
+        fn, batch_size=batch_size, batch_format=batch_format, compute=ray.data.TaskPoolStrategy()
+    )
+
+
+def decoded_clips(
+    config: ExperimentConfig, videos: list[dict[str, Any]], stage: type, **stage_kwargs: Any
+) -> Any:
+    """The video plan that extract and embed share (videobert/videos.py):
+
+        from_items(videos)            one block per video
+          .flat_map(decode_video)     decode tasks: a row per clip, then one END row per video
+          .map_batches(stage)         `stage` actors (ClipFeatures, ClipWords) over the clip rows
+
+    On CPU-only nodes the actors leave `extract.cpus_per_decode_task` CPUs for each of the
+    `extract.decode_concurrency` (default 1) decode tasks that feed them.
+    """
+    import ray.data
+
+    from videobert.videos import decode_video
+
+    extract = config.extract
+    reserve = extract.cpus_per_decode_task * (extract.decode_concurrency or 1)
+    pool = actor_pool(len(videos), reserve, extract.feature_actors, extract.cpus_per_feature_actor)
+    dataset = ray.data.from_items(videos, override_num_blocks=len(videos))
+    dataset = flat_map_tasks(
+        dataset,
+        decode_video,
+        extract.decode_concurrency,
+        extract.cpus_per_decode_task,
+        decode=config.decode,
+        s3=config.s3,
+    )
+    return map_stage(
+        dataset,
+        stage,
+        pool,
+        config.encoder.clips_per_batch,
+        encoder=config.encoder,
+        decode=config.decode,
+        s3=config.s3,
+        **stage_kwargs,
+    )

@@ -1,0 +1,335 @@
+"""The MLflow model registry: the registered VideoBERT model, its versions and aliases.
+
+- the model: an MLflow pyfunc whose artifacts are plain files written by us:
+  `model.safetensors` (consolidated fp32 weights), `config.json` (the model shape),
+  `vocab.json` (the joint vocabulary), `metadata.json` (codebook / tokenizer versions and URIs)
+  and `experiment.yaml` (the whole config). No pickled tensors and no torch.export (which would
+  fix the sequence length): `predict` takes token sequences of any length up to max_positions.
+  The python model class is pickled by reference, and the `videobert` package travels with the
+  model as code (`code_paths`) so it loads where the package is not installed.
+- versions: `models:/<name>@<alias>` / `models:/<name>/<version>` URIs resolved to a version
+  and its small files, without downloading the weights.
+- aliases: pretrain points `candidate` at each new version; `champion` moves only when an
+  evaluation says the candidate wins. Evaluation results live on the model version as tags
+  `eval.<metric>` (see pipelines/evaluate.py), so a decision needs nothing but the registry.
+  The decision and both scores are written back as tags on the candidate version, so the
+  registry explains itself.
+
+Where runs are tracked and the pretraining run itself: videobert/tracking.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+import videobert
+from videobert.config import ConfigError, ExperimentConfig, config_to_yaml
+from videobert.model import (
+    MASK,
+    VIDEO_SEP,
+    VIDEO_TYPE,
+    JointVocab,
+    VideoBert,
+    VideoBertConfig,
+    load_pretrained,
+    save_pretrained,
+)
+
+CHAMPION = "champion"
+CANDIDATE = "candidate"
+MODEL_FILES_DIR = "videobert"  # our plain files' folder among the logged pyfunc's artifacts
+
+
+# -- the registered model ---------------------------------------------------------------------
+
+
+class VideoBertPyfunc(mlflow.pyfunc.PythonModel):
+    """`predict`: token sequences of any length -> embeddings, MLM and alignment scores.
+
+    Input: a DataFrame with `input_ids` (joint ids, a list per row) and optionally
+    `token_type_ids` (else derived: video after `[>]` or for visual-word ids).
+    Output per row: `embedding` (mean of the last hidden states), `cls_embedding`,
+    `alignment_score` (probability that text and video are aligned), and at each `[MASK]`:
+    `mlm_predictions` (joint ids) and `mlm_scores` (their probabilities).
+    """
+
+    def load_context(self, context: Any) -> None:
+        root = Path(context.artifacts["model"])
+        self.model, self.vocab = load_pretrained(root)
+        self.metadata = json.loads((root / "metadata.json").read_text())
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        return predict_frame(self.model, self.vocab, model_input)
+
+
+def _token_types(ids: np.ndarray, vocab: JointVocab) -> np.ndarray:
+    """Token types as the example builder sets them: video after `[>]`, all video when no text."""
+    if (ids == VIDEO_SEP).any():
+        return np.where(np.arange(len(ids)) > np.argmax(ids == VIDEO_SEP), VIDEO_TYPE, 0)
+    has_text = ((ids >= vocab.text_offset) & ~vocab.is_video(ids)).any()
+    return np.full(len(ids), 0 if has_text or not vocab.is_video(ids).any() else VIDEO_TYPE)
+
+
+@torch.no_grad()
+def predict_frame(model: VideoBert, vocab: JointVocab, frame: pd.DataFrame) -> pd.DataFrame:
+    """Run the model on a DataFrame of variable-length sequences (one padded batch)."""
+    sequences = [np.asarray(ids, np.int64) for ids in frame["input_ids"]]
+    if not sequences or min(len(s) for s in sequences) == 0:
+        raise ValueError("every row needs a non-empty input_ids list")
+    if "token_type_ids" in frame:
+        types = [np.asarray(t, np.int64) for t in frame["token_type_ids"]]
+    else:
+        types = [_token_types(s, vocab) for s in sequences]
+    width = max(len(s) for s in sequences)
+    ids = np.zeros((len(sequences), width), np.int64)
+    type_ids = np.zeros_like(ids)
+    seq_ids = np.zeros_like(ids)  # one sequence per row; 0 marks padding
+    for row, (s, t) in enumerate(zip(sequences, types, strict=True)):
+        ids[row, : len(s)], type_ids[row, : len(s)], seq_ids[row, : len(s)] = s, t, 1
+    device = next(model.parameters()).device
+    tensors = [torch.as_tensor(a, device=device) for a in (ids, type_ids, seq_ids)]
+    hidden = model.encode(tensors[0], tensors[1], seq_ids=tensors[2])  # [R, T, H]
+    real = tensors[2].unsqueeze(-1).float()  # [R, T] -> [R, T, 1]
+    embedding = (hidden * real).sum(1) / real.sum(1)
+    cls_positions = torch.arange(len(sequences), device=device) * width
+    alignment = torch.sigmoid(model.alignment_logits(hidden, cls_positions))
+    mask_positions = torch.nonzero((tensors[0] == MASK).reshape(-1)).squeeze(-1)
+    predictions, scores = [[] for _ in sequences], [[] for _ in sequences]
+    if mask_positions.numel():
+        probabilities = torch.softmax(model.mlm_logits(hidden, mask_positions).float(), -1)
+        best, best_ids = probabilities.max(-1)
+        for position, token, score in zip(
+            mask_positions.tolist(), best_ids.tolist(), best.tolist(), strict=True
+        ):
+            predictions[position // width].append(int(token))
+            scores[position // width].append(float(score))
+    return pd.DataFrame(
+        {
+            "embedding": [e.tolist() for e in embedding.float().cpu().numpy()],
+            "cls_embedding": [h[0].tolist() for h in hidden.float().cpu().numpy()],
+            "alignment_score": alignment.float().cpu().numpy().astype(np.float64),
+            "mlm_predictions": predictions,
+            "mlm_scores": scores,
+        }
+    )
+
+
+def input_example(vocab: JointVocab) -> pd.DataFrame:
+    """Two sequences of different lengths: a masked text+video pair and a video-only one."""
+    t, v = vocab.text_ids, vocab.video_ids
+    joint = [2, t(0), MASK, t(1 % vocab.text_size), VIDEO_SEP, v(0), MASK, v(1 % vocab.num_visual), 3]
+    video_only = [2, v(0), v(1 % vocab.num_visual), MASK, 3]
+    return pd.DataFrame({"input_ids": [joint, video_only]})
+
+
+def log_and_register_model(
+    run_id: str,
+    model: VideoBert,
+    vocab: JointVocab,
+    metadata: dict[str, Any],
+    config: ExperimentConfig,
+    registered_model: str,
+    alias: str = CANDIDATE,
+) -> str:
+    """Log the pyfunc model into the run, register it and set `alias`; returns the version."""
+    from mlflow.models import infer_signature
+
+    model = model.float().cpu().eval()
+    example = input_example(vocab)
+    signature = infer_signature(example, predict_frame(model, vocab, example))
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / MODEL_FILES_DIR
+        save_pretrained(model, vocab, model_dir)
+        (model_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
+        (model_dir / "experiment.yaml").write_text(config_to_yaml(config))
+        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=VideoBertPyfunc(),
+                artifacts={"model": str(model_dir)},
+                code_paths=[os.path.dirname(videobert.__file__)],
+                signature=signature,
+                input_example=example,
+                pip_requirements=[
+                    f"torch>={torch.__version__.split('+')[0]}",
+                    "numpy",
+                    "pandas",
+                    "safetensors",
+                    "pyyaml",
+                ],
+                registered_model_name=registered_model,
+            )
+    version = str(info.registered_model_version)
+    MlflowClient().set_registered_model_alias(registered_model, alias, version)
+    return version
+
+
+def load_registered_model(model_uri: str) -> tuple[VideoBert, JointVocab, dict[str, Any]]:
+    """(model in eval mode on CPU, its vocabulary, metadata) from e.g. `models:/videobert@candidate`."""
+    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return python_model.model, python_model.vocab, python_model.metadata
+
+
+# -- versions ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelVersionInfo:
+    """One registered model version (an alias resolved), with its shape, read without its weights."""
+
+    name: str
+    version: str
+    requested: str
+    """The URI asked for, e.g. models:/videobert@champion."""
+    metadata: dict[str, Any]
+    """metadata.json: codebook_uri / codebook_version, tokenizer, max_seq_len, ..."""
+    config: VideoBertConfig
+    num_visual: int
+    """Visual words in the model's vocabulary (must equal its codebook's size)."""
+
+    @property
+    def uri(self) -> str:
+        """The pinned URI: the same weights however the alias moves later."""
+        return f"models:/{self.name}/{self.version}"
+
+
+def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
+    """`models:/<name>@<alias>` -> (name, alias, None); `models:/<name>/<version>` -> (name, None, version)."""
+    rest = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
+    name, at, alias = rest.partition("@")
+    if at and name and alias and "/" not in alias:
+        return name, alias, None
+    name, slash, version = rest.rpartition("/")
+    if not at and slash and name and version.isdigit():
+        return name, None, version
+    raise ConfigError(
+        f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
+    )
+
+
+def resolve_model_version(model_uri: str) -> ModelVersionInfo:
+    """Resolve an alias or version in the current registry and read the version's small files.
+
+    Raises ConfigError (naming the URI) when the model, alias or version does not exist.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    name, alias, version = parse_model_uri(model_uri)
+    client = MlflowClient()
+    try:
+        if alias is not None:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        else:
+            client.get_model_version(name, str(version))
+    except MlflowException as error:
+        raise ConfigError(
+            f"{model_uri}: no such registered model version in {mlflow.get_registry_uri()} ({error.message}); "
+            "run `videobert pretrain` (and `videobert promote` for @champion) or pick a version with "
+            "--set embed.model_uri=models:/<name>/<version>"
+        ) from error
+    files = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for file in ("metadata.json", "config.json", "vocab.json"):
+            path = download_artifacts(
+                artifact_uri=f"models:/{name}/{version}/artifacts/{MODEL_FILES_DIR}/{file}", dst_path=tmp
+            )
+            files[file] = json.loads(Path(path).read_text())
+    return ModelVersionInfo(
+        name=name,
+        version=str(version),
+        requested=model_uri,
+        metadata=files["metadata.json"],
+        config=VideoBertConfig(**files["config.json"]),
+        num_visual=int(files["vocab.json"]["num_visual"]),
+    )
+
+
+def alias_version(client: MlflowClient, model_name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when the alias (or the model) does not exist."""
+    try:
+        return client.get_model_version_by_alias(model_name, alias).version
+    except MlflowException:
+        return None
+
+
+# -- promotion --------------------------------------------------------------------------------
+
+
+def eval_tag(metric: str) -> str:
+    """The model-version tag holding an evaluation result, e.g. `eval.alignment_auc`."""
+    return f"eval.{metric}"
+
+
+def version_score(client: MlflowClient, model_name: str, version: str, metric: str) -> float | None:
+    """The version's evaluated `metric`, or None when it was never evaluated."""
+    tags = client.get_model_version(model_name, version).tags
+    value = tags.get(eval_tag(metric))
+    return None if value is None else float(value)
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """What `promote` decided for one candidate version."""
+
+    model_name: str
+    version: str
+    metric: str
+    candidate_score: float
+    champion_version: str | None
+    champion_score: float | None
+    promoted: bool
+    reason: str
+
+
+def promote(client: MlflowClient, model_name: str, version: str, metric: str) -> PromotionDecision:
+    """Point `champion` at `version` if it beats the current champion on `metric` (higher wins).
+
+    A first version becomes champion. A version that was never evaluated is refused. Ties keep
+    the current champion, so reruns never flip-flop. Idempotent: promoting the champion again
+    changes nothing but the recorded decision.
+    """
+    candidate_score = version_score(client, model_name, version, metric)
+    if candidate_score is None:
+        raise ValueError(
+            f"{model_name} version {version} has no {eval_tag(metric)} tag: run `videobert evaluate` first"
+        )
+    champion_version = alias_version(client, model_name, CHAMPION)
+    champion_score = version_score(client, model_name, champion_version, metric) if champion_version else None
+    if champion_version is None:
+        promoted, reason = True, "no champion yet"
+    elif champion_version == version:
+        promoted, reason = True, "already champion"
+    elif champion_score is None:
+        promoted, reason = True, f"champion v{champion_version} has no {metric} score"
+    elif candidate_score > champion_score:
+        promoted, reason = True, f"{metric} {candidate_score:.4f} > champion's {champion_score:.4f}"
+    else:
+        promoted, reason = False, f"{metric} {candidate_score:.4f} <= champion's {champion_score:.4f}"
+    if promoted:
+        client.set_registered_model_alias(model_name, CHAMPION, version)
+    decision = PromotionDecision(
+        model_name, version, metric, candidate_score, champion_version, champion_score, promoted, reason
+    )
+    for key, value in {
+        "promotion.decision": "promoted" if promoted else "rejected",
+        "promotion.reason": reason,
+        "promotion.metric": metric,
+        "promotion.candidate_score": f"{candidate_score:.6f}",
+        "promotion.champion_version": champion_version or "",
+        "promotion.champion_score": "" if champion_score is None else f"{champion_score:.6f}",
+    }.items():
+        client.set_model_version_tag(model_name, version, key, value)
+    return decision

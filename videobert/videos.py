@@ -1,0 +1,433 @@
+"""The video stages that extract and embed share, as plain Python (Ray-free).
+
+Both stages run the same plan over the videos under `source` (the Ray Data glue is in
+pipelines/extract.py and pipelines/embed.py):
+
+    list_videos(config)          every video with its ETag and transcript sidecar
+    videos_to_do(...)            those whose manifest row is not up to date (one skip rule)
+    decode_video(video, ...)     a decode task: a row per clip, then one END row (status, info)
+    ClipFeatures / ClipWords     an actor's batch method: S3D features (and visual words)
+    ClipGatherer                 on the driver: regroups a video's rows (they arrive in any order)
+    ManifestCommitter            writes a video's output file first, its manifest row after it
+    VideoStageSummary            what the run did, with one report()
+
+A bad file becomes an END row with status `error`, never an exception that stops the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from videobert import storage, tables
+from videobert.config import DecodeConfig, EncoderConfig, ExperimentConfig, S3Config
+from videobert.decode import DecodeError, iter_clips
+from videobert.results import VideoStageSummary
+
+log = logging.getLogger(__name__)
+
+CLIP, END = "clip", "end"
+
+
+# ---- listing and the skip rule -------------------------------------------------------------
+
+
+def list_videos(config: ExperimentConfig) -> list[dict[str, Any]]:
+    """Every video under `source` with its size, ETag and transcript sidecar (if any)."""
+    everything = storage.list_objects(config.source, config.s3)
+    by_uri = {obj.uri: obj for obj in everything}
+    video_ext = {e.lower().lstrip(".") for e in config.decode.extensions}
+    videos = []
+    for obj in everything:
+        base, dot, ext = obj.uri.rpartition(".")
+        if not dot or ext.lower() not in video_ext:
+            continue
+        # Sidecar: same stem, first matching transcript extension (either case).
+        transcript = next(
+            (
+                candidate
+                for t_ext in config.decode.transcript_extensions
+                for candidate in (f"{base}.{t_ext}", f"{base}.{t_ext.upper()}")
+                if candidate in by_uri
+            ),
+            None,
+        )
+        videos.append(
+            {
+                "video_id": tables.video_id(obj.uri),
+                "source_uri": obj.uri,
+                "etag": obj.etag,
+                "size": obj.size,
+                "transcript_uri": transcript,
+            }
+        )
+    return videos
+
+
+def rows_by_video(manifest: pa.Table) -> dict[str, dict[str, Any]]:
+    """video_id -> its current manifest row."""
+    return {row["video_id"]: row for row in manifest.to_pylist()}
+
+
+def is_up_to_date(
+    row: dict[str, Any] | None, video: dict[str, Any], retry_errors: bool, **expected: Any
+) -> bool:
+    """The one skip rule: the manifest row is for this very object (same ETag) and made with
+    the `expected` settings (e.g. encoder), and it is `ok`, or an error not to be retried."""
+    if row is None or row["etag"] != video["etag"]:
+        return False
+    if any(row.get(name) != value for name, value in expected.items()):
+        return False
+    return row["status"] == "ok" or not retry_errors
+
+
+def videos_to_do(
+    videos: list[dict[str, Any]],
+    manifest: dict[str, dict[str, Any]],
+    retry_errors: bool,
+    **expected: Any,
+) -> list[dict[str, Any]]:
+    """The videos whose manifest row is not up to date (see `is_up_to_date`)."""
+    return [v for v in videos if not is_up_to_date(manifest.get(v["video_id"]), v, retry_errors, **expected)]
+
+
+# ---- the decode task -------------------------------------------------------------------------
+
+
+def decode_video(video: dict[str, Any], decode: DecodeConfig, s3: S3Config) -> Iterator[dict[str, Any]]:
+    """One video -> a row per clip (frames as raw bytes), then one END row with status and info.
+
+    Every failure ends as an END row with status error: the run goes on.
+    """
+    base = {"video_id": video["video_id"], "start_s": 0.0, "end_s": 0.0}
+    emitted = 0
+    info: dict[str, Any] = {"status": "ok", "error": None}
+    clips = iter_clips(video["source_uri"], decode, s3)
+    try:
+        while True:
+            try:
+                clip = next(clips)
+            except StopIteration as stop:
+                video_info = stop.value
+                info.update(
+                    duration_s=video_info.duration_s,
+                    width=video_info.width,
+                    height=video_info.height,
+                    fps=video_info.fps,
+                )
+                break
+            yield {
+                **base,
+                "kind": CLIP,
+                "clip_index": clip.clip_index,
+                "start_s": clip.start_s,
+                "end_s": clip.end_s,
+                "frames": clip.frames.tobytes(),
+                "info": "",
+            }
+            emitted += 1
+    except DecodeError as error:
+        info.update(status="error", error=f"decode: {error.reason}")
+    except storage.StorageError as error:
+        info.update(status="error", error=f"read: {error}")
+    except Exception as error:  # anything unforeseen is still a row, with enough to debug it
+        info.update(status="error", error=f"decode: unexpected {type(error).__name__}: {error}")
+        log.warning("unexpected error decoding %s:\n%s", video["source_uri"], traceback.format_exc())
+    if info["status"] == "ok" and emitted == 0:
+        info.update(
+            status="error",
+            error=f"decode: shorter than one clip ({decode.clip_seconds:.2f} s at {decode.fps:g} fps)",
+        )
+    info["emitted"] = emitted
+    yield {**base, "kind": END, "clip_index": -1, "frames": b"", "info": json.dumps(info)}
+
+
+# ---- actor batch methods ---------------------------------------------------------------------
+
+
+class ClipFeatures:
+    """Holds one S3D encoder (built once per actor) and turns clip rows into features.
+
+    END rows pass through untouched; a failed forward marks its clips with an error.
+    """
+
+    def __init__(self, encoder: EncoderConfig, decode: DecodeConfig, s3: S3Config) -> None:
+        from videobert.features import ClipEncoder
+
+        self.encoder = ClipEncoder(encoder, s3=s3)
+        self.clip_shape = (decode.clip_frames, decode.size, decode.size, 3)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        rows = len(batch["video_id"])
+        features = np.zeros((rows, tables.FEATURE_DIM), np.float32)
+        errors = np.array([""] * rows, dtype=object)
+        clip_rows = [i for i in range(rows) if batch["kind"][i] == CLIP]
+        if clip_rows:
+            try:
+                frames = np.stack(
+                    [np.frombuffer(batch["frames"][i], np.uint8).reshape(self.clip_shape) for i in clip_rows]
+                )
+                features[clip_rows] = self.encoder(frames)
+            except Exception as error:  # a failed forward marks its clips' videos as errors
+                errors[clip_rows] = f"features: {type(error).__name__}: {error}"
+        return {
+            "video_id": batch["video_id"],
+            "kind": batch["kind"],
+            "clip_index": batch["clip_index"],
+            "start_s": batch["start_s"],
+            "end_s": batch["end_s"],
+            "feature": features,
+            "error": errors,
+            "info": batch["info"],
+        }
+
+
+class ClipWords(ClipFeatures):
+    """ClipFeatures plus a codebook: clip rows leave with a visual word instead of a feature."""
+
+    def __init__(self, encoder: EncoderConfig, decode: DecodeConfig, s3: S3Config, codebook_uri: str) -> None:
+        from videobert.codebook import HierarchicalCodebook, default_device
+
+        super().__init__(encoder, decode, s3)
+        self.codebook = HierarchicalCodebook.load(codebook_uri, s3).to(default_device())
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = super().__call__(batch)
+        features = out.pop("feature")  # only the words travel on: 4 bytes a clip instead of 4 KiB
+        words = np.full(len(features), -1, np.int32)
+        good = [i for i in range(len(words)) if out["kind"][i] == CLIP and not out["error"][i]]
+        if good:
+            try:
+                # Through float16 as extract stores them, so a video gets the words tokenize gave it.
+                words[good] = self.codebook.assign(features[good].astype(np.float16))
+            except Exception as error:  # its clips' videos become error rows
+                out["error"][good] = f"words: {type(error).__name__}: {error}"
+        out["visual_word"] = words
+        return out
+
+
+# ---- regrouping and committing on the driver -------------------------------------------------
+
+
+@dataclass
+class DecodedVideo:
+    """All the rows of one video, regrouped: its END info and its clip rows by clip_index."""
+
+    video_id: str
+    end: dict[str, Any]
+    clips: dict[int, dict[str, Any]]
+
+    @property
+    def error(self) -> str | None:
+        """Why the video failed: its decode error first, else its clips' first error."""
+        if self.end["status"] != "ok":
+            return self.end["error"]
+        clip_errors = sorted({str(c["error"]) for c in self.clips.values() if c.get("error")})
+        return clip_errors[0] if clip_errors else None
+
+    def ordered_clips(self) -> list[dict[str, Any]]:
+        return [self.clips[i] for i in sorted(self.clips)]
+
+
+class ClipGatherer:
+    """Regroups rows by video: a video is complete once its END row and all its clip rows arrived.
+
+    They arrive in any order (a video's clips are spread over the actors).
+    """
+
+    def __init__(self) -> None:
+        self.clips: dict[str, dict[int, dict[str, Any]]] = {}
+        self.ends: dict[str, dict[str, Any]] = {}
+
+    def add(self, row: dict[str, Any]) -> DecodedVideo | None:
+        """Take one row; returns the video when it is complete."""
+        vid = str(row["video_id"])
+        if row["kind"] == END:
+            self.ends[vid] = json.loads(row["info"])
+        else:
+            self.clips.setdefault(vid, {})[int(row["clip_index"])] = row
+        end = self.ends.get(vid)
+        if end is not None and len(self.clips.get(vid, {})) == end["emitted"]:
+            del self.ends[vid]
+            return DecodedVideo(vid, end, self.clips.pop(vid, {}))
+        return None
+
+    def add_batch(self, batch: dict[str, np.ndarray]) -> Iterator[DecodedVideo]:
+        """Take a batch of rows (columns); yields each video it completes."""
+        for i in range(len(batch["video_id"])):
+            complete = self.add({name: column[i] for name, column in batch.items()})
+            if complete is not None:
+                yield complete
+
+    def leftovers(self, stage: str) -> list[DecodedVideo]:
+        """Videos whose rows never all arrived (should not happen), each with an error END info."""
+        left = []
+        for vid in sorted(set(self.ends) | set(self.clips)):
+            got = len(self.clips.get(vid, {}))
+            want = self.ends.get(vid, {}).get("emitted", "?")
+            error = f"{stage}: incomplete results ({got} of {want} clips)"
+            left.append(DecodedVideo(vid, {"status": "error", "error": error}, {}))
+        self.clips, self.ends = {}, {}
+        return left
+
+
+class ManifestCommitter:
+    """Commits one video at a time: its output file first (atomic, deterministic name), then
+    its manifest row, buffered and appended every `flush_every` videos. Readers go through the
+    manifest, so a kill at any point leaves only committed work visible."""
+
+    def __init__(
+        self,
+        append_rows: Callable[[list[dict[str, Any]]], None],
+        flush_every: int,
+        summary: VideoStageSummary,
+        s3: S3Config,
+    ) -> None:
+        self.append_rows = append_rows
+        self.flush_every = flush_every
+        self.summary = summary
+        self.s3 = s3
+        self.pending_rows: list[dict[str, Any]] = []
+
+    def commit(
+        self,
+        video: dict[str, Any],
+        manifest_row: dict[str, Any],
+        output_uri: str,
+        output: pa.Table | None,
+        error: str | None,
+        clips: int = 0,
+    ) -> None:
+        """`output` is written to `output_uri` when the video is ok; on error any older file
+        there is removed (a video that was ok before and is bad now keeps no stale output)."""
+        if error is None:
+            storage.write_parquet(output, output_uri, self.s3)
+            self.summary.ok += 1
+            self.summary.clips += clips
+        else:
+            storage.delete(output_uri, self.s3)
+            self.summary.error += 1
+            self.summary.errors[video["source_uri"]] = error
+            log.warning("%s: %s", video["source_uri"], error)
+        self.pending_rows.append(manifest_row)
+        if len(self.pending_rows) >= self.flush_every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending_rows:
+            self.append_rows(self.pending_rows)
+            self.pending_rows = []
+
+
+# ---- extract's outputs -----------------------------------------------------------------------
+
+
+def features_table(video: DecodedVideo) -> pa.Table:
+    """A video's clip features as stored in features/<video_id>.parquet (float16)."""
+    clips = video.ordered_clips()
+    return pa.table(
+        {
+            "video_id": [video.video_id] * len(clips),
+            "clip_index": [int(c["clip_index"]) for c in clips],
+            "start_s": [float(c["start_s"]) for c in clips],
+            "end_s": [float(c["end_s"]) for c in clips],
+            "feature": [np.asarray(c["feature"]).astype(np.float16) for c in clips],
+        },
+        schema=tables.FEATURES_SCHEMA,
+    )
+
+
+def extract_manifest_row(
+    video: dict[str, Any], decoded: DecodedVideo, encoder: str, run_id: str
+) -> dict[str, Any]:
+    """The `videos/` manifest row of one extracted (or failed) video."""
+    error = decoded.error
+    row = {
+        **{k: video[k] for k in ("video_id", "source_uri", "etag", "size", "transcript_uri")},
+        "status": "ok" if error is None else "error",
+        "error": error,
+        "encoder": encoder,
+        "run_id": run_id,
+        "num_clips": 0 if error else len(decoded.clips),
+    }
+    if error is None:
+        row.update({k: decoded.end.get(k) for k in ("duration_s", "width", "height", "fps")})
+    return row
+
+
+def relinked_rows(
+    manifest: dict[str, dict[str, Any]], extracted: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """New manifest rows for extracted videos whose transcript sidecar was added, removed or
+    renamed. The features stand; only the row changes, and tokenize then re-reads the narration."""
+    rows = []
+    for video in extracted:
+        row = manifest[video["video_id"]]
+        if row["transcript_uri"] != video["transcript_uri"]:
+            kept = {k: v for k, v in row.items() if k not in ("updated_at", "transcript_error")}
+            rows.append({**kept, "transcript_uri": video["transcript_uri"]})
+    return rows
+
+
+def gather_videos(batches: Iterable[dict[str, np.ndarray]], stage: str) -> Iterator[DecodedVideo]:
+    """Every video of a stream of row batches, as soon as all its rows arrived; at the end, any
+    video whose rows never all arrived (should not happen) as an error."""
+    gatherer = ClipGatherer()
+    for batch in batches:
+        yield from gatherer.add_batch(batch)
+    yield from gatherer.leftovers(stage)
+
+
+@dataclass
+class ExtractPlan:
+    """What an extract run has to do."""
+
+    videos: list[dict[str, Any]]
+    """Every listed video."""
+    todo: list[dict[str, Any]]
+    """Videos to decode: new, changed, extracted with another encoder, or failed (retried)."""
+    relinked: list[dict[str, Any]]
+    """Manifest rows to rewrite: extracted videos whose transcript sidecar changed."""
+
+
+def plan_extract(config: ExperimentConfig, encoder: str) -> ExtractPlan:
+    """List `source` and compare it with the manifest (the skip rule of `is_up_to_date`)."""
+    videos = list_videos(config)
+    manifest = rows_by_video(tables.read_manifest(config.output, config.s3))
+    todo = videos_to_do(videos, manifest, config.extract.retry_errors, encoder=encoder)
+    todo_ids = {v["video_id"] for v in todo}
+    extracted = [
+        v for v in videos if v["video_id"] not in todo_ids and manifest[v["video_id"]]["status"] == "ok"
+    ]
+    return ExtractPlan(videos, todo, relinked_rows(manifest, extracted))
+
+
+class ExtractCommitter(ManifestCommitter):
+    """Commits each decoded video of an extract run: its features file, then its manifest row."""
+
+    def __init__(
+        self, config: ExperimentConfig, videos: list[dict[str, Any]], summary: VideoStageSummary, encoder: str
+    ) -> None:
+        super().__init__(
+            lambda rows: tables.append_manifest(config.output, rows, config.s3),
+            config.extract.manifest_flush_every,
+            summary,
+            config.s3,
+        )
+        self.videos = {v["video_id"]: v for v in videos}
+        self.layout = tables.Layout(config.output)
+        self.encoder = encoder
+
+    def commit_video(self, decoded: DecodedVideo) -> None:
+        video = self.videos[decoded.video_id]
+        row = extract_manifest_row(video, decoded, self.encoder, self.summary.run_id)
+        output = features_table(decoded) if row["error"] is None else None
+        features_file = self.layout.features_file(decoded.video_id)
+        self.commit(video, row, features_file, output, row["error"], row["num_clips"])
