@@ -33,6 +33,7 @@ from pipelines import fit_codebook, tokenize  # noqa: E402
 from tests.feature_corpus import vtt_cues, write_video  # noqa: E402
 from videobert import storage  # noqa: E402
 from videobert.config import ExperimentConfig, load_config  # noqa: E402
+from videobert.results import TokenizeResult  # noqa: E402
 from videobert.tables import Layout, read_manifest  # noqa: E402
 from videobert.token_shards import TokenShardWriter, read_tokens  # noqa: E402
 
@@ -45,7 +46,7 @@ def write_corpus(config: ExperimentConfig, videos: int, clips: int) -> None:
         write_video(config.output, config.source, number, clips, kind, transcript_data=transcript)
 
 
-def run_ours(config: ExperimentConfig, codebook_version: str, tokenizer_version: str) -> dict:
+def run_ours(config: ExperimentConfig, codebook_version: str, tokenizer_version: str) -> TokenizeResult:
     """`tokenize.run` over every video: its outputs for this version are removed first."""
     layout = Layout(config.output)
     storage.delete(layout.tokens(codebook_version, tokenizer_version))
@@ -53,16 +54,15 @@ def run_ours(config: ExperimentConfig, codebook_version: str, tokenizer_version:
     return tokenize.run(config)
 
 
-def run_peer(config: ExperimentConfig, summary: dict, scratch: str) -> int:
+def run_peer(config: ExperimentConfig, summary: TokenizeResult, scratch: str) -> int:
     """The same per-video work in one plain loop, same batch size; returns segments written."""
     storage.delete(scratch)
     manifest = read_manifest(config.output)
     ids, transcripts = manifest["video_id"].to_pylist(), manifest["transcript_uri"].to_pylist()
-    codebook_uri = Layout(config.output).codebook(summary["codebook_version"])
     body = TokenShardWriter(
         config.output,
-        codebook_uri,
-        summary["tokenizer_uri"],
+        summary.codebook.uri,
+        summary.tokenizer.uri,
         config.tokenize.segment_tokens,
         config.tokenize.sentence_gap_s,
     )
@@ -105,7 +105,7 @@ def main() -> None:
         started = time.perf_counter()
         first = tokenize.run(config)  # Ray start-up and tokenizer training: not timed below
         first_s = time.perf_counter() - started
-        versions = (first["codebook_version"], first["tokenizer_version"])
+        versions = (first.codebook.version, first.tokenizer.version)
         scratch = storage.join(root, "peer-tokens")
 
         ours_s, peer_s = float("inf"), float("inf")
@@ -116,13 +116,13 @@ def main() -> None:
             started = time.perf_counter()
             peer_segments = run_peer(config, first, scratch)
             peer_s = min(peer_s, time.perf_counter() - started)
-        assert summary["videos_tokenized"] == args.videos and summary["segments"] == peer_segments
+        assert summary.videos_tokenized == args.videos and summary.segments == peer_segments
         ours_rows = read_tokens(config.output, *versions)
         peer_rows = storage.read_parquet_dir(scratch).select(ours_rows.column_names).cast(ours_rows.schema)
         peer_rows = peer_rows.sort_by([("video_id", "ascending"), ("segment_index", "ascending")])
         assert ours_rows.equals(peer_rows), "ours and the peer wrote different token rows"
 
-        clips, segments = args.videos * args.clips, summary["segments"]
+        clips, segments = args.videos * args.clips, summary.segments
         print(f"{args.videos} videos x {args.clips} clips = {clips} clips -> {segments} segments (rows)")
         print(f"first tokenize run (Ray start-up + tokenizer training included): {first_s:.2f} s")
         for name, seconds in (("ours (Ray Data)", ours_s), ("peer (one process)", peer_s)):

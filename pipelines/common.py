@@ -10,13 +10,15 @@ from collections.abc import Callable
 from typing import Any
 
 from videobert.config import ConfigError, ExperimentConfig, load_config
+from videobert.results import MissingInputError
 from videobert.storage import StorageError
 
 log = logging.getLogger("videobert")
 
 EXIT_OK = 0
-EXIT_CONFIG = 2
-EXIT_STORAGE = 3
+EXIT_CONFIG = 2  # the config or an override cannot be used (the message names the key)
+EXIT_STORAGE = 3  # storage unreachable or failing (S3 endpoint, credentials, permissions)
+EXIT_MISSING_INPUT = 4  # an upstream stage's output is missing (the message names the stage)
 
 # Variables a worker on another node needs to reach the same services. Credentials are
 # deliberately absent: on a cluster they come from the node's instance profile / env.
@@ -60,6 +62,9 @@ def stage_main(stage: str, run: Callable[[ExperimentConfig], Any], argv: list[st
     except StorageError as error:
         print(f"videobert {stage}: storage error: {error}", file=sys.stderr)
         return EXIT_STORAGE
+    except MissingInputError as error:
+        print(f"videobert {stage}: missing input: {error}", file=sys.stderr)
+        return EXIT_MISSING_INPUT
     return EXIT_OK
 
 

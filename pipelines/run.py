@@ -1,117 +1,77 @@
 """`videobert run`: extract -> fit-codebook -> tokenize -> pretrain -> evaluate -> promote.
 
-Safe to rerun at any time; each stage decides for itself whether there is work:
+Each stage hands its typed result (videobert/results.py) to the next one, and decides for
+itself whether there is work, so the whole pipeline is safe to rerun at any time:
 - extract and tokenize are incremental (only new or changed videos);
 - fit-codebook reuses the newest codebook unless `codebook.refit` is set;
-- pretrain is skipped when the `candidate` version was trained on exactly the current token
-  shards with the same model and training settings (tags `tokens_digest`, `train_digest`);
-  a killed pretrain resumes from its checkpoint because the Ray Train run name is derived from
-  those digests;
+- pretrain is skipped when the candidate was trained on exactly these token shards with the
+  same settings, and a killed pretrain resumes, because its run name is derived from both;
 - evaluate is skipped when the candidate already has an evaluation; promote is idempotent.
 A second run over unchanged inputs therefore does nothing beyond these checks.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
 from typing import Any
-
-from mlflow import MlflowClient
 
 from pipelines import evaluate, extract, fit_codebook, pretrain, promote, tokenize
 from pipelines.common import init_ray, stage_main
-from videobert import storage
 from videobert.config import ExperimentConfig
-from videobert.registry import CANDIDATE, CHAMPION, alias_version
-from videobert.tracking import setup_experiment, token_digest, tracking_uri
+from videobert.results import EvaluationResult
 
 log = logging.getLogger("videobert.run")
 
 
-def train_digest(config: ExperimentConfig) -> str:
-    """What makes two pretraining runs the same run: the model and training settings."""
-    settings = {
-        "model": asdict(config.model),
-        "train": asdict(config.train),
-        "holdout": config.evaluate.holdout_fraction,
-    }
-    settings["train"].pop("run_name", None)
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def candidate_tags(config: ExperimentConfig) -> dict[str, str]:
-    client = MlflowClient()
-    version = alias_version(client, config.mlflow.registered_model, CANDIDATE)
-    if version is None:
-        return {}
-    return {"version": version, **client.get_model_version(config.mlflow.registered_model, version).tags}
-
-
 def run(config: ExperimentConfig) -> dict[str, Any]:
+    """Every stage in order; returns each stage's result by name."""
+    from mlflow import MlflowClient
+
+    from videobert.registry import CANDIDATE, CHAMPION, EVAL_RUN_TAG, alias_version, version_tags
+    from videobert.tracking import setup_experiment, tracking_uri
+
     started = time.perf_counter()
     init_ray()
     timings: dict[str, float] = {}
     results: dict[str, Any] = {}
 
-    def stage(name: str, fn: Any, *args: Any) -> Any:
+    def stage(name: str, fn: Callable[..., Any], *args: Any) -> Any:
         log.info("=== %s ===", name)
         t0 = time.perf_counter()
-        out = fn(*args)
+        results[name] = fn(*args)
         timings[name] = time.perf_counter() - t0
-        results[name] = out
-        return out
+        return results[name]
 
     stage("extract", extract.run, config)
-    stage("fit-codebook", fit_codebook.run, config)
-    tokens = stage("tokenize", tokenize.run, config)
+    codebook = stage("fit-codebook", fit_codebook.run, config)
+    tokens = stage("tokenize", tokenize.run, config, codebook)
+    trained = stage("pretrain", pretrain.run, config, tokens)
 
-    digest = token_digest(storage.list_objects(tokens["tokens_dir"], config.s3, ["parquet"]))
-    trained_on = train_digest(config)
     setup_experiment(config)
-    tags = candidate_tags(config)
-    if tags.get("tokens_digest") == digest and tags.get("train_digest") == trained_on:
-        log.info("pretrain: candidate v%s already trained on these tokens and settings", tags["version"])
-        results["pretrain"] = {"skipped": True, "version": tags["version"]}
-    else:
-        if not config.train.run_name:
-            # Same inputs and starting point -> same Ray Train run name -> a killed run resumes.
-            start = pretrain.starting_point_suffix(pretrain.champion_to_continue_from(config))
-            config.train.run_name = f"{config.name}-{digest}-{trained_on}{start}"
-        trained = stage("pretrain", pretrain.run, config)
-        client = MlflowClient()
-        for key, value in (("tokens_digest", digest), ("train_digest", trained_on)):
-            client.set_model_version_tag(config.mlflow.registered_model, trained.model_version, key, value)
-
-    tags = candidate_tags(config)
-    if "eval.run_id" in tags:
-        log.info("evaluate: candidate v%s already evaluated (run %s)", tags["version"], tags["eval.run_id"])
-        results["evaluate"] = {"skipped": True, "version": tags["version"]}
+    client = MlflowClient()
+    tags = version_tags(client, trained.model_name, CANDIDATE)
+    if EVAL_RUN_TAG in tags:
+        log.info("evaluate: candidate v%s already evaluated (run %s)", tags["version"], tags[EVAL_RUN_TAG])
+        results["evaluate"] = EvaluationResult(
+            trained.model_name, tags["version"], tags[EVAL_RUN_TAG], skipped=True
+        )
     else:
         stage("evaluate", evaluate.run, config)
     decision = stage("promote", promote.run, config)
 
     total = time.perf_counter() - started
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
+    champion = alias_version(client, trained.model_name, CHAMPION)
+    verdict = "promoted" if decision.promoted else "kept champion"
     print(f"\nvideobert run finished in {total:.0f} s ({spent})")
     print(f"  outputs:       {config.output}")
-    print(
-        f"  model:         models:/{config.mlflow.registered_model}@champion (v{alias_version_or_none(config)})"
-    )
-    print(
-        f"  last decision: v{decision.version} {'promoted' if decision.promoted else 'kept champion'} ({decision.reason})"
-    )
-    uri = tracking_uri(config)
-    print(f"  open MLflow:   mlflow ui --backend-store-uri {uri}")
+    print(f"  model:         models:/{trained.model_name}@{CHAMPION} (v{champion})")
+    print(f"  last decision: v{decision.version} {verdict} ({decision.reason})")
+    print(f"  open MLflow:   mlflow ui --backend-store-uri {tracking_uri(config)}")
     return results
-
-
-def alias_version_or_none(config: ExperimentConfig) -> str | None:
-    return alias_version(MlflowClient(), config.mlflow.registered_model, CHAMPION)
 
 
 def main(argv: list[str] | None = None) -> int:

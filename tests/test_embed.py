@@ -32,6 +32,7 @@ from videobert.features import ClipEncoder, encoder_id
 from videobert.model import CLS, SEP, VIDEO_TYPE, JointVocab, VideoBert, build_model
 from videobert.registry import log_and_register_model, resolve_model_version
 from videobert.tracking import start_or_resume_run, use_tracking_uri
+from videobert.videos import rows_by_video, videos_to_do
 
 MAX_SEQ_LEN = 5  # 3 video tokens a pass: the 6-clip videos run as 2 chunks
 
@@ -233,7 +234,11 @@ def test_planning_rules() -> None:
         ],
         tables.EMBED_MANIFEST_SCHEMA,
     )
-    todo, skipped = embed.to_do(listed, manifest, retry_errors=False)
-    assert ([v["video_id"] for v in todo], skipped) == (["changed", "new"], 2)
-    todo, skipped = embed.to_do(listed, manifest, retry_errors=True)
-    assert ([v["video_id"] for v in todo], skipped) == (["changed", "failed", "new"], 1)
+    rows = rows_by_video(manifest)
+    todo = videos_to_do(listed, rows, retry_errors=False)
+    assert [v["video_id"] for v in todo] == ["changed", "new"]
+    todo = videos_to_do(listed, rows, retry_errors=True)
+    assert [v["video_id"] for v in todo] == ["changed", "failed", "new"]
+    # Settings the row was made with count too: another encoder means the video is redone.
+    todo = videos_to_do(listed, {"same": {"etag": "e1", "status": "ok", "encoder": "a"}}, False, encoder="b")
+    assert [v["video_id"] for v in todo] == ["same", "changed", "failed", "new"]

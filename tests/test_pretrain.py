@@ -121,7 +121,17 @@ def test_zero3_recovers_from_killed_worker(ray_cluster, corpus_output, tmp_path)
         "train.max_failures=2",
         "train.run_name=zero3-fault",
     )
-    result = pretrain.run(config, fault={"rank": 1, "step": 10, "marker": str(marker)})
+
+    def die_once(step: int, metrics: dict[str, float]) -> None:
+        """Worker 1's process dies at step 10, once, as a lost node would make it; the
+        replacement worker carries on. A closure, so Ray ships it by value to the workers."""
+        import ray.train
+
+        if ray.train.get_context().get_world_rank() == 1 and step == 10 and not marker.exists():
+            marker.write_text(str(step))
+            os._exit(1)
+
+    result = pretrain.run(config, on_step=die_once)
     assert marker.read_text() == "10"  # worker 1 really died at step 10
     # The replacement resumed from a reported checkpoint (step 4 or 8), not from scratch, and finished.
     assert result.start_step in (4, 8) and result.metrics["step"] == 16

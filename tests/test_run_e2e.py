@@ -15,10 +15,9 @@ import pytest
 from mlflow import MlflowClient
 
 from pipelines import run as run_stage
-from pipelines.evaluate import label_classes, zero_shot_items
 from videobert.config import load_config
 from videobert.demo_corpus import generate_corpus
-from videobert.evaluation import in_holdout, zero_shot
+from videobert.evaluation import in_holdout, label_classes, zero_shot, zero_shot_items
 from videobert.model import build_model
 from videobert.registry import CHAMPION, alias_version, load_registered_model
 from videobert.tables import Layout

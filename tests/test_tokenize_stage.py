@@ -60,28 +60,28 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
     vids = [write_video(output, source, i, transcript=kind) for i, kind in enumerate(kinds)]
 
     fitted = fit_codebook.run(config)
-    assert not fitted["reused"] and fitted["sample_size"] == 30
-    directory = fitted["codebook_uri"]
+    assert not fitted.reused and fitted.sample_size == 30
+    directory = fitted.uri
     for name in ("centroids.safetensors", "codebook.json", "gallery.png"):
         assert storage.exists(storage.join(directory, name)), name
     # The MLflow run of its own: params, inertia and the artifacts.
     use_tracking_uri(tracking_uri(config))
-    run = mlflow.get_run(fitted["mlflow_run_id"])
+    run = mlflow.get_run(fitted.mlflow_run_id)
     assert run.data.params["k"] == "2" and "inertia_level_1" in run.data.metrics
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "codebook")}
     assert {"codebook/codebook.json", "codebook/gallery.png", "codebook/centroids.safetensors"} <= artifacts
     # Refit of the same sample gives the same version; without refit the codebook is reused.
-    assert fit_codebook.run(config)["reused"] is True
+    assert fit_codebook.run(config).reused is True
     refit = fit_codebook.run(config_for(str(tmp_path), tmp_path, "codebook.refit=true"))
-    assert refit["codebook_version"] == fitted["codebook_version"]
+    assert refit.version == fitted.version
 
     first = tokenize.run(config)
-    assert first["videos_tokenized"] == 5 and first["transcript_errors"] == 1 and first["errors"] == 0
-    tokens = read_tokens(output, first["codebook_version"], first["tokenizer_version"])
+    assert first.videos_tokenized == 5 and first.transcript_errors == 1 and first.errors == 0
+    tokens = read_tokens(output, first.codebook.version, first.tokenizer.version)
     assert set(tokens.column("video_id").to_pylist()) == set(vids)
-    assert tokens.num_rows == first["segments"]
+    assert tokens.num_rows == first.segments
     codebook = HierarchicalCodebook.load(directory)
-    tokenizer = TextTokenizer.load(first["tokenizer_uri"])
+    tokenizer = TextTokenizer.load(first.tokenizer.uri)
     by_video = {v: tokens.filter(pc.equal(tokens.column("video_id"), v)).to_pylist() for v in vids}
     # VTT video: two cues -> three sentences with their clips; the rest are video-only segments.
     vtt = by_video[vids[0]]
@@ -105,25 +105,25 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
     assert all(r["text"] == "" for r in by_video[vids[4]])
 
     # Rerun: nothing to do, nothing rewritten, no new manifest rows.
-    before, parts = mtimes(first["tokens_dir"]), storage.list_files(Layout(output).videos)
+    before, parts = mtimes(first.tokens_uri), storage.list_files(Layout(output).videos)
     again = tokenize.run(config)
-    assert again["videos_tokenized"] == 0 and again["videos_done_before"] == 5
-    assert mtimes(first["tokens_dir"]) == before and storage.list_files(Layout(output).videos) == parts
+    assert again.videos_tokenized == 0 and again.videos_done_before == 5
+    assert mtimes(first.tokens_uri) == before and storage.list_files(Layout(output).videos) == parts
 
     # Incremental: only the new video is tokenized, with the same versions.
     new_vid = write_video(output, source, 9, transcript="srt")
     third = tokenize.run(config)
-    assert third["videos_tokenized"] == 1 and third["tokens_dir"] == first["tokens_dir"]
-    after = mtimes(first["tokens_dir"])
+    assert third.videos_tokenized == 1 and third.tokens_uri == first.tokens_uri
+    after = mtimes(first.tokens_uri)
     assert {f: t for f, t in after.items() if f in before} == before and len(after) == 6
     assert new_vid in set(
-        read_tokens(output, first["codebook_version"], first["tokenizer_version"])["video_id"].to_pylist()
+        read_tokens(output, first.codebook.version, first.tokenizer.version)["video_id"].to_pylist()
     )
 
     # Changed inputs: vids[0]'s transcript is rewritten; vids[1] is re-extracted from a changed
     # source (new ETag, new features); vids[2]'s re-extract failed (manifest `error`, features
     # gone). Exactly those are redone or removed; every other token file stays as it was.
-    tokens_dir = first["tokens_dir"]
+    tokens_dir = first.tokens_uri
     changed = {storage.join(tokens_dir, f"{v}.parquet") for v in vids[:3]}
     storage.write_bytes(
         storage.join(source, "video0.vtt"), b"WEBVTT\n\n00:00:03.000 --> 00:00:06.000\nPour the batter in.\n"
@@ -134,13 +134,13 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
     append_manifest(output, [{**failed, "status": "error", "error": "decode: broken"}])
     storage.delete(Layout(output).features_file(vids[2]))
     fifth = tokenize.run(config)
-    assert (fifth["videos_tokenized"], fifth["videos_changed"], fifth["videos_removed"]) == (2, 2, 1)
+    assert (fifth.videos_tokenized, fifth.videos_changed, fifth.videos_removed) == (2, 2, 1)
     now = mtimes(tokens_dir)
     assert storage.join(tokens_dir, f"{vids[2]}.parquet") not in now
     assert {f: t for f, t in now.items() if f not in changed} == {
         f: t for f, t in after.items() if f not in changed
     }
-    tokens = read_tokens(output, first["codebook_version"], first["tokenizer_version"])
+    tokens = read_tokens(output, first.codebook.version, first.tokenizer.version)
     keys = list(zip(tokens["video_id"].to_pylist(), tokens["segment_index"].to_pylist(), strict=True))
     assert len(keys) == len(set(keys)) and vids[2] not in {v for v, _ in keys}
     rows = {v: tokens.filter(pc.equal(tokens.column("video_id"), v)).to_pylist() for v in vids[:2]}
@@ -148,7 +148,7 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
     assert segment_rows(rows[vids[1]]) == expected_segments(config, vids[1], codebook)
     assert len(features_of(output, vids[1])) == 12
     again = tokenize.run(config)  # the recorded inputs now match: nothing to redo
-    assert again["videos_tokenized"] == 0 and again["videos_done_before"] == 5
+    assert again.videos_tokenized == 0 and again.videos_done_before == 5
     after = mtimes(tokens_dir)
 
     # New codebook version: everything under a new directory; the old one is untouched.
@@ -157,15 +157,15 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
     other = fit_codebook.run(
         config_for(str(tmp_path), tmp_path, "codebook.refit=true", "codebook.seed=5", *fast)
     )
-    assert other["codebook_version"] != fitted["codebook_version"]
-    other_meta = HierarchicalCodebook.load(other["codebook_uri"]).metadata
+    assert other.version != fitted.version
+    other_meta = HierarchicalCodebook.load(other.uri).metadata
     assert (other_meta["max_points_per_centroid"], other_meta["init_trials"]) == (3, 1)
-    assert latest_codebook(output, k=2, depth=2) == other["codebook_uri"]
+    assert latest_codebook(output, k=2, depth=2) == other.uri
     fourth = tokenize.run(config)
-    assert fourth["codebook_version"] == other["codebook_version"] and fourth["videos_tokenized"] == 5
-    assert fourth["tokens_dir"] != first["tokens_dir"] and mtimes(first["tokens_dir"]) == after
-    new_tokens = read_tokens(output, fourth["codebook_version"], fourth["tokenizer_version"])
-    assert set(new_tokens.column("codebook_version").to_pylist()) == {other["codebook_version"]}
+    assert fourth.codebook.version == other.version and fourth.videos_tokenized == 5
+    assert fourth.tokens_uri != first.tokens_uri and mtimes(first.tokens_uri) == after
+    new_tokens = read_tokens(output, fourth.codebook.version, fourth.tokenizer.version)
+    assert set(new_tokens.column("codebook_version").to_pylist()) == {other.version}
 
 
 def features_of(output: str, vid: str) -> np.ndarray:
@@ -200,14 +200,14 @@ def test_stages_round_trip_through_s3(ray_cluster, s3_bucket, tmp_path):
         for i, kind in enumerate(["json", None])
     ]
     fitted = fit_codebook.run(config)
-    assert fitted["codebook_uri"].startswith("s3://")
+    assert fitted.uri.startswith("s3://")
     summary = tokenize.run(config)
-    assert summary["videos_tokenized"] == 2 and summary["tokens_dir"].startswith(s3_bucket)
-    tokens = read_tokens(config.output, summary["codebook_version"], summary["tokenizer_version"])
+    assert summary.videos_tokenized == 2 and summary.tokens_uri.startswith(s3_bucket)
+    tokens = read_tokens(config.output, summary.codebook.version, summary.tokenizer.version)
     assert sorted(set(tokens.column("video_id").to_pylist())) == sorted(vids)
     json_rows = tokens.filter(pc.equal(tokens.column("video_id"), vids[0])).to_pylist()
     assert json_rows[0]["text"] == "Stir the sauce slowly." and len(json_rows[0]["video_tokens"]) == 4
-    assert tokenize.run(config)["videos_tokenized"] == 0
+    assert tokenize.run(config).videos_tokenized == 0
 
 
 def test_tokenize_without_codebook_fails_clearly(tmp_path):
@@ -261,7 +261,7 @@ def extracted(ray_cluster, tmp_path_factory) -> Extracted:
     extract.run(config)
     fitted = fit_codebook.run(config)
     summary = tokenize.run(config)
-    tokens = read_tokens(config.output, summary["codebook_version"], summary["tokenizer_version"])
+    tokens = read_tokens(config.output, summary.codebook.version, summary.tokenizer.version)
     return Extracted(config, source, fitted, summary, read_manifest(config.output), tokens)
 
 
@@ -271,13 +271,11 @@ def test_extract_then_fit_codebook_then_tokenize(extracted):
 
     summary, manifest, tokens = extracted.summary, extracted.manifest, extracted.tokens
     # The gallery shows real decoded frames: not only the grey "unreadable" tiles.
-    gallery = np.asarray(
-        Image.open(storage.join(extracted.fitted["codebook_uri"], "gallery.png")).convert("RGB")
-    )
+    gallery = np.asarray(Image.open(storage.join(extracted.fitted.uri, "gallery.png")).convert("RGB"))
     assert gallery.shape[0] == 2 * 96 and len(np.unique(gallery.reshape(-1, 3), axis=0)) > 10
 
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
-    assert ok.num_rows == 2 and summary["videos_tokenized"] == 2 and summary["transcript_errors"] == 0
+    assert ok.num_rows == 2 and summary.videos_tokenized == 2 and summary.transcript_errors == 0
     assert set(tokens.column("video_id").to_pylist()) == set(ok.column("video_id").to_pylist())
     assert sorted(t for t in tokens.column("text").to_pylist() if t) == ["A circle moves.", "It slides on."]
     # Every clip of every video lands in at least one segment.
@@ -294,7 +292,7 @@ def test_changed_source_video_is_extracted_and_tokenized_again(extracted):
 
     config = extracted.config
     layout = Layout(config.output)
-    tokens_dir = extracted.summary["tokens_dir"]
+    tokens_dir = extracted.summary.tokens_uri
     ids = {Path(r["source_uri"]).stem: r["video_id"] for r in read_manifest(config.output).to_pylist()}
     features_before, tokens_before = mtimes(layout.features), mtimes(tokens_dir)
     videos.make_object_video(
@@ -305,7 +303,7 @@ def test_changed_source_video_is_extracted_and_tokenized_again(extracted):
     )
     assert extract.run(config).ok == 1  # the changed video only
     summary = tokenize.run(config)
-    assert (summary["videos_tokenized"], summary["videos_changed"], summary["videos_done_before"]) == (
+    assert (summary.videos_tokenized, summary.videos_changed, summary.videos_done_before) == (
         1,
         1,
         1,
@@ -315,15 +313,15 @@ def test_changed_source_video_is_extracted_and_tokenized_again(extracted):
     assert {f: mtimes(layout.features)[f] for f in kept} == {f: features_before[f] for f in kept}
     v1_tokens = storage.join(tokens_dir, f"{ids['v1']}.parquet")
     assert mtimes(tokens_dir)[v1_tokens] == tokens_before[v1_tokens]
-    tokens = read_tokens(config.output, summary["codebook_version"], summary["tokenizer_version"])
+    tokens = read_tokens(config.output, summary.codebook.version, summary.tokenizer.version)
     keys = list(zip(tokens["video_id"].to_pylist(), tokens["segment_index"].to_pylist(), strict=True))
     assert len(keys) == len(set(keys))
     rows = tokens.filter(pc.equal(tokens.column("video_id"), ids["v0"])).to_pylist()
     assert [r["text"] for r in rows if r["text"]] == ["A triangle turns.", "It stops."]
-    codebook = HierarchicalCodebook.load(extracted.fitted["codebook_uri"])
+    codebook = HierarchicalCodebook.load(extracted.fitted.uri)
     assert segment_rows(rows) == expected_segments(config, ids["v0"], codebook)
     assert len(features_of(config.output, ids["v0"])) == 6  # 48 frames at 8 fps, 8-frame clips
-    assert tokenize.run(config)["videos_tokenized"] == 0
+    assert tokenize.run(config).videos_tokenized == 0
 
 
 def test_fit_codebook_and_tokenize_by_ray_job_submit(ray_cluster, tmp_path):

@@ -34,11 +34,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
@@ -47,6 +49,8 @@ from videobert import storage, versions
 from videobert.config import S3Config
 from videobert.kmeans import distance_scores, kmeans, kmeans_batched, nearest, squared_norms
 from videobert.tables import Layout
+
+log = logging.getLogger(__name__)
 
 CENTROIDS_FILE = "centroids.safetensors"
 METADATA_FILE = "codebook.json"
@@ -519,3 +523,28 @@ def latest_codebook(
     """URI of the newest codebook (optionally with this k and depth), or None."""
     meta = versions.newest(list_codebooks(output, s3), k=k, depth=depth)
     return meta["uri"] if meta is not None else None
+
+
+# ---- sampling the fit (pipelines/fit_codebook.py) --------------------------------------------
+
+MASK64 = (1 << 64) - 1
+
+
+def sample_scores(video_ids: list[str], clip_indices: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform [0, 1) score per clip from (seed, video_id, clip_index): splitmix64 in numpy."""
+    ids = np.array([int(v, 16) & MASK64 for v in video_ids], dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        z = ids ^ (clip_indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(seed & MASK64)
+        z = z + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+
+
+def encoders_of(manifest: pa.Table) -> str | None:
+    """The encoders of a manifest's rows, comma-joined: what a codebook is fitted on."""
+    encoders = sorted({e for e in manifest.column("encoder").to_pylist() if e})
+    if len(encoders) > 1:
+        log.warning("features come from several encoders %s; fitting on all of them", encoders)
+    return ",".join(encoders) or None

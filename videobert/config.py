@@ -142,11 +142,28 @@ class ExtractConfig:
     """Parallelism of the extract stage on Ray Data."""
 
     decode_concurrency: int | None = None
-    """Max concurrent decode tasks (None: Ray decides from the cluster's CPUs)."""
+    """Max concurrent decode tasks (None: as many as the free CPUs allow; on CPU-only nodes the
+    feature actors leave room for one)."""
+    cpus_per_decode_task: float = 0.5
+    """CPUs a decode task reserves (decoding is light next to S3D on the CPU)."""
     feature_actors: int | None = None
-    """Feature actors (None: one per GPU, or a small pool on CPU-only clusters)."""
-    cpus_per_feature_actor: float = 1.0
-    """CPUs reserved by each feature actor."""
+    """Feature actors (None: one per GPU, else one per node; see pipelines/ray_stages.py)."""
+    cpus_per_feature_actor: float | None = None
+    """CPUs each feature actor holds, and its torch threads (None: one with a GPU, else the
+    node's CPUs less the decode tasks' share)."""
+    retry_errors: bool = True
+    """Decode again videos that failed before although their file did not change."""
+
+    def __post_init__(self) -> None:
+        if self.cpus_per_decode_task <= 0:
+            raise ConfigError("extract.cpus_per_decode_task must be > 0")
+        for name in ("decode_concurrency", "feature_actors", "cpus_per_feature_actor"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ConfigError(f"extract.{name} must be > 0, or null for the sizing rule")
+        if self.manifest_flush_every < 1:
+            raise ConfigError("extract.manifest_flush_every must be >= 1")
+
     manifest_flush_every: int = 32
     """Commit manifest rows after this many finished videos (bounds work lost to a kill)."""
 

@@ -13,14 +13,20 @@ plots and markdown report videobert/reports.py.
 from __future__ import annotations
 
 import hashlib
+import io
+import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import torch
 
-from videobert.config import ExamplesConfig
+from videobert import reports, storage
+from videobert.config import ConfigError, ExamplesConfig, ExperimentConfig
 from videobert.metrics import (
     binary_accuracy,
     confusion_matrix,
@@ -30,6 +36,7 @@ from videobert.metrics import (
     top_k_accuracy,
 )
 from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab, VideoBert
+from videobert.tables import Layout, read_manifest
 from videobert.training import forward, to_device
 from videobert.training_examples import IGNORE, JOINT, Example, ExampleBuilder, build_sequence, pack
 
@@ -236,3 +243,106 @@ def rows_to_columns(table: pa.Table) -> HeldOut:
     """Token rows (TOKENS_SCHEMA) -> the columns the example builder reads."""
     columns = table.select(["video_id", "segment_index", "text_ids", "video_tokens"]).to_pydict()
     return HeldOut(columns)
+
+
+# ---- the evaluate stage (Ray glue: pipelines/evaluate.py) --------------------------------------
+
+
+def read_labels(uri: str, config: ExperimentConfig) -> pa.Table:
+    """The labelled set: CSV or Parquet with source_uri, verb, object."""
+    data = storage.read_bytes(uri, config.s3)
+    table = (
+        storage.read_parquet(uri, config.s3) if uri.endswith(".parquet") else pacsv.read_csv(io.BytesIO(data))
+    )
+    missing = {"source_uri", "verb", "object"} - set(table.column_names)
+    if missing:
+        raise ConfigError(f"evaluate.labels {uri}: missing columns {sorted(missing)}")
+    return table
+
+
+def label_classes(config: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """Every verb and object of the labelled set: the zero-shot candidates."""
+    if not config.evaluate.labels:
+        return [], []
+    labels = read_labels(config.evaluate.labels, config)
+    return sorted(set(map(str, labels["verb"].to_pylist()))), sorted(
+        set(map(str, labels["object"].to_pylist()))
+    )
+
+
+def zero_shot_items(config: ExperimentConfig, tokens: pa.Table, video_ids: set[str]) -> list[ZeroShotItem]:
+    """Labelled videos among `video_ids`, each with all its visual words in segment order."""
+    if not config.evaluate.labels:
+        return []
+    labels = read_labels(config.evaluate.labels, config)
+    manifest = read_manifest(config.output, config.s3)
+    by_uri = dict(zip(manifest["source_uri"].to_pylist(), manifest["video_id"].to_pylist(), strict=True))
+    items = []
+    for row in labels.to_pylist():
+        vid = by_uri.get(row["source_uri"])
+        if vid is None or vid not in video_ids:
+            continue
+        rows = tokens.filter(pc.equal(tokens["video_id"], vid))
+        words = [w for segment in rows["video_tokens"].to_pylist() for w in segment]
+        if words:
+            items.append(ZeroShotItem(vid, words, str(row["verb"]), str(row["object"])))
+    return items
+
+
+def evaluate_model(
+    config: ExperimentConfig, model_uri: str
+) -> tuple[dict[str, float], dict[str, Path], dict]:
+    """Load the model, score it on the held-out split; returns metrics, plot files and model info."""
+    import torch
+
+    from videobert.registry import load_registered_model
+    from videobert.text_tokenizer import TextTokenizer
+    from videobert.token_shards import read_tokens
+    from videobert.tracking import tracking_uri, use_tracking_uri
+
+    use_tracking_uri(tracking_uri(config))  # this may run in a Ray worker process
+    model, vocab, meta = load_registered_model(model_uri)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device).eval()
+    max_len = int(meta.get("max_seq_len", config.model.max_seq_len))
+    tokens = read_tokens(config.output, meta["codebook_version"], meta["tokenizer_version"], config.s3)
+    held = [in_holdout(v, config.evaluate.holdout_fraction) for v in tokens["video_id"].to_pylist()]
+    holdout = tokens.filter(pa.array(held, pa.bool_()))
+    if holdout.num_rows == 0:
+        raise ConfigError(
+            f"no held-out token rows (evaluate.holdout_fraction={config.evaluate.holdout_fraction}, "
+            f"{tokens.num_rows} rows in all): raise the fraction or add videos"
+        )
+    rows: HeldOut = rows_to_columns(holdout)
+    metrics: dict[str, float] = {"heldout_segments": float(rows.num_rows)}
+    metrics |= mlm_metrics(model, vocab, rows, max_len, seed=config.train.seed)
+    align, probabilities, labels = alignment_metrics(model, vocab, rows, max_len, seed=config.train.seed)
+    metrics |= align
+    retrieval, ranks = retrieval_eval(model, vocab, rows, max_len)
+    metrics |= retrieval
+    tokenizer = TextTokenizer.load(Layout(config.output).tokenizer(meta["tokenizer_version"]), config.s3)
+    items = zero_shot_items(config, holdout, set(rows.columns["video_id"]))
+    verbs, objects = label_classes(config)
+    zs_metrics, zs_details = zero_shot(model, vocab, tokenizer.encode, items, max_len, verbs, objects)
+    metrics |= zs_metrics
+
+    plots_dir = Path(tempfile.mkdtemp(prefix="videobert-eval-"))
+    plots: dict[str, Path] = {}
+    if len(labels) and len(set(labels.tolist())) == 2:
+        plots["alignment_roc.png"] = reports.plot_roc(probabilities, labels, plots_dir / "alignment_roc.png")
+    if len(ranks):
+        plots["retrieval_ranks.png"] = reports.plot_rank_histogram(ranks, plots_dir / "retrieval_ranks.png")
+    if zs_details:
+        plots["zero_shot_objects.png"] = reports.plot_confusion(
+            zs_details["object_confusion"],
+            zs_details["objects"].tolist(),
+            plots_dir / "zero_shot_objects.png",
+            "Zero-shot objects",
+        )
+        plots["zero_shot_verbs.png"] = reports.plot_confusion(
+            zs_details["verb_confusion"],
+            zs_details["verbs"].tolist(),
+            plots_dir / "zero_shot_verbs.png",
+            "Zero-shot verbs",
+        )
+    return metrics, plots, meta

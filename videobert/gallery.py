@@ -14,10 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image, ImageDraw
 
-from videobert.codebook import HierarchicalCodebook
+from videobert import storage
+from videobert.codebook import GALLERY_FILE, HierarchicalCodebook
+from videobert.config import ExperimentConfig
 
 log = logging.getLogger(__name__)
 
@@ -104,3 +107,38 @@ def gallery_png(
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def write_gallery(
+    config: ExperimentConfig,
+    codebook: HierarchicalCodebook,
+    sample: pa.Table,
+    manifest: pa.Table,
+    features: np.ndarray,
+    directory: str,
+) -> bytes:
+    """The gallery of a fitted codebook's words (a frame of the sampled clips nearest to each),
+    written beside the codebook in `directory`; returns the PNG."""
+    from videobert.decode import read_frame
+
+    source = dict(
+        zip(manifest.column("video_id").to_pylist(), manifest.column("source_uri").to_pylist(), strict=True)
+    )
+    refs = [
+        ClipRef(source.get(v, ""), s, e)
+        for v, s, e in zip(
+            sample.column("video_id").to_pylist(),
+            sample.column("start_s").to_pylist(),
+            sample.column("end_s").to_pylist(),
+            strict=True,
+        )
+    ]
+    png = gallery_png(
+        codebook,
+        features,
+        refs,
+        lambda uri, time_s, size: read_frame(uri, time_s, size, config.s3),
+        words=config.codebook.gallery_words,
+    )
+    storage.write_bytes(storage.join(directory, GALLERY_FILE), png, config.s3)
+    return png

@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import videobert
-from videobert.config import ConfigError, ExperimentConfig, config_to_yaml
+from videobert.config import ConfigError, ExperimentConfig, config_to_yaml, parse_model_uri
 from videobert.model import (
     MASK,
     VIDEO_SEP,
@@ -50,6 +50,7 @@ from videobert.model import (
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
+EVAL_RUN_TAG = "eval.run_id"  # on a version: the run that evaluated it
 MODEL_FILES_DIR = "videobert"  # our plain files' folder among the logged pyfunc's artifacts
 
 
@@ -206,20 +207,6 @@ class ModelVersionInfo:
         return f"models:/{self.name}/{self.version}"
 
 
-def parse_model_uri(model_uri: str) -> tuple[str, str | None, str | None]:
-    """`models:/<name>@<alias>` -> (name, alias, None); `models:/<name>/<version>` -> (name, None, version)."""
-    rest = model_uri.removeprefix("models:/") if model_uri.startswith("models:/") else ""
-    name, at, alias = rest.partition("@")
-    if at and name and alias and "/" not in alias:
-        return name, alias, None
-    name, slash, version = rest.rpartition("/")
-    if not at and slash and name and version.isdigit():
-        return name, None, version
-    raise ConfigError(
-        f"model URI must look like models:/<name>@<alias> or models:/<name>/<version>, got {model_uri!r}"
-    )
-
-
 def resolve_model_version(model_uri: str) -> ModelVersionInfo:
     """Resolve an alias or version in the current registry and read the version's small files.
 
@@ -333,3 +320,70 @@ def promote(client: MlflowClient, model_name: str, version: str, metric: str) ->
     }.items():
         client.set_model_version_tag(model_name, version, key, value)
     return decision
+
+
+# -- pretraining's use of the registry --------------------------------------------------------
+
+TRAINED_ON_TAGS = ("tokens_digest", "train_digest")
+"""Version tags that say what a version was trained on (see videobert.results)."""
+
+
+def version_tags(client: MlflowClient, model_name: str, alias: str) -> dict[str, str]:
+    """The tags of the version an alias points at, plus its `version`; {} without one."""
+    version = alias_version(client, model_name, alias)
+    if version is None:
+        return {}
+    return {"version": version, **client.get_model_version(model_name, version).tags}
+
+
+def champion_to_continue_from(config: ExperimentConfig) -> str | None:
+    """The pinned champion URI when `train.resume_from_champion` is set and a champion exists."""
+    if not config.train.resume_from_champion:
+        return None
+    name = config.mlflow.registered_model
+    version = alias_version(MlflowClient(), name, CHAMPION)
+    return None if version is None else f"models:/{name}/{version}"
+
+
+def init_from_registered(
+    model: VideoBert, vocab: JointVocab, model_uri: str, codebook_version: str
+) -> dict[str, int]:
+    """Copy a registered version's weights into a fresh model (train.resume_from_champion):
+    text rows follow their tokens; visual-word rows only under the same codebook."""
+    from videobert.model import init_from_videobert
+
+    source, source_vocab, meta = load_registered_model(model_uri)
+    same_codebook = meta.get("codebook_version") == codebook_version
+    return init_from_videobert(model, vocab, source, source_vocab, same_codebook)
+
+
+def record_evaluation(
+    name: str, version: str, metrics: dict[str, float], plots: dict[str, Path], meta: dict[str, Any]
+) -> str:
+    """An evaluation run linked to the model version (metrics, report, plots), and the metrics
+    as `eval.<metric>` tags on the version, which `promote` compares; returns the run id."""
+    from videobert import reports
+
+    client = MlflowClient()
+    with mlflow.start_run(run_name=f"evaluate-{name}-v{version}") as active:
+        mlflow.set_tags({"stage": "evaluate", "model_name": name, "model_version": version})
+        model_id = client.get_model_version(name, version).model_id
+        mlflow.log_metrics(metrics, model_id=model_id) if model_id else mlflow.log_metrics(metrics)
+        notes = {
+            "model": f"models:/{name}/{version}",
+            "codebook": meta["codebook_version"],
+            "tokenizer": meta["tokenizer_version"],
+        }
+        report = reports.markdown_report(
+            f"Evaluation of {name} v{version}",
+            metrics,
+            notes=notes,
+            plots={path.removesuffix(".png").replace("_", " "): path for path in plots},
+        )
+        mlflow.log_text(report, "evaluation/report.md")
+        for path in plots.values():
+            mlflow.log_artifact(str(path), "evaluation")
+    for key, value in metrics.items():
+        client.set_model_version_tag(name, version, eval_tag(key), f"{value:.6f}")
+    client.set_model_version_tag(name, version, EVAL_RUN_TAG, active.info.run_id)
+    return active.info.run_id

@@ -11,18 +11,21 @@ mlflow is imported inside the functions, so importing this module stays cheap fo
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from videobert import storage
 from videobert.config import ExperimentConfig, flat_params
+from videobert.results import token_digest
 from videobert.storage import ObjectInfo
 from videobert.tables import Layout
+
+if TYPE_CHECKING:
+    from videobert.codebook import HierarchicalCodebook
 
 log = logging.getLogger(__name__)
 
@@ -114,14 +117,6 @@ def setup_experiment(config: ExperimentConfig) -> str:
 
 
 # -- the pretraining run ----------------------------------------------------------------------
-
-
-def token_digest(files: list[ObjectInfo]) -> str:
-    """Content digest of the token shards from their names, sizes and ETags (no data read)."""
-    digest = hashlib.sha256()
-    for info in sorted(files, key=lambda f: f.uri):
-        digest.update(f"{info.uri.rsplit('/', 1)[-1]}\t{info.size}\t{info.etag}\n".encode())
-    return digest.hexdigest()[:20]
 
 
 def start_or_resume_run(config: ExperimentConfig, run_name: str) -> tuple[str, bool]:
@@ -216,6 +211,45 @@ def log_loss_curve(run_id: str) -> None:
     figure.tight_layout()
     client.log_figure(run_id, figure, "loss_curve.png")
     plt.close(figure)
+
+
+def log_codebook_run(
+    config: ExperimentConfig, codebook: HierarchicalCodebook, directory: str, png: bytes
+) -> str:
+    """A run of its own with the codebook's params, inertia and files; returns the run id."""
+    import tempfile
+
+    import mlflow
+
+    from videobert.codebook import GALLERY_FILE
+
+    setup_experiment(config)
+    meta = codebook.metadata_json()
+    with mlflow.start_run(run_name=f"{config.name}-codebook-{codebook.version}") as run:
+        mlflow.set_tags(
+            {"stage": "fit-codebook", "codebook_version": codebook.version, "codebook_uri": directory}
+        )
+        mlflow.log_params(
+            {
+                "k": codebook.k,
+                "depth": codebook.depth,
+                "dim": codebook.dim,
+                "sample_size": meta["sample_size"],
+                "seed": meta["seed"],
+                "iterations": meta["iterations"],
+                "max_points_per_centroid": meta.get("max_points_per_centroid"),
+                "init_trials": meta.get("init_trials"),
+                "encoder": meta.get("encoder"),
+            }
+        )
+        metrics = {f"inertia_level_{i}": value for i, value in enumerate(codebook.inertia_per_level)}
+        mlflow.log_metrics({**metrics, "fit_seconds": meta["fit_seconds"]})
+        with tempfile.TemporaryDirectory() as local:
+            codebook.save(local)
+            with open(os.path.join(local, GALLERY_FILE), "wb") as handle:
+                handle.write(png)
+            mlflow.log_artifacts(local, artifact_path="codebook")
+        return run.info.run_id
 
 
 def __getattr__(name: str) -> Any:
