@@ -17,7 +17,7 @@ import numpy as np
 
 from pipelines.common import init_ray, stage_main
 from videobert.config import ExperimentConfig, parse_model_uri
-from videobert.results import EvaluationResult
+from videobert.results import EvaluationResult, MissingInputError
 
 log = logging.getLogger("videobert.evaluate")
 
@@ -28,12 +28,14 @@ def run(config: ExperimentConfig) -> EvaluationResult:
     import ray
 
     from videobert.evaluation import evaluate_model
-    from videobert.registry import record_evaluation
+    from videobert.registry import alias_version, record_evaluation
     from videobert.tracking import setup_experiment
 
     setup_experiment(config)
     name, alias, _ = parse_model_uri(config.evaluate.model_uri)
-    version = str(mlflow.MlflowClient().get_model_version_by_alias(name, alias).version)
+    version = alias_version(mlflow.MlflowClient(), name, alias)
+    if version is None:
+        raise MissingInputError(f"no `{alias}` version of model {name!r}: run `videobert pretrain` first")
 
     init_ray()
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))

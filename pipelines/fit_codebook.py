@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.common import init_ray, stage_main
+from pipelines.ray_stages import map_tasks
 from videobert import storage
 from videobert.codebook import HierarchicalCodebook, encoders_of, sample_scores
 from videobert.config import ExperimentConfig
@@ -60,9 +61,8 @@ def sample_features(config: ExperimentConfig, manifest: pa.Table) -> pa.Table:
 
     fs, _ = storage.filesystem(config.output, config.s3)
     paths = [storage.filesystem(f, config.s3)[1] for f in files]
-    dataset = ray.data.read_parquet(
-        paths, filesystem=fs, columns=["video_id", "clip_index", "start_s", "end_s", "feature"]
-    ).map_batches(score, batch_format="pyarrow")
+    columns = ["video_id", "clip_index", "start_s", "end_s", "feature"]
+    dataset = map_tasks(ray.data.read_parquet(paths, filesystem=fs, columns=columns), score, None, "pyarrow")
     tables = [table for table in ray.get(dataset.to_arrow_refs()) if table.num_rows]
     if not tables:
         raise MissingInputError(f"the features under {layout.features} hold no clips")

@@ -12,6 +12,7 @@ with what it was trained on; a rerun on the same tokens and settings trains noth
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -37,8 +38,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
 
     from videobert import training
-    from videobert.model import JointVocab, build_model, init_from_bert
-    from videobert.registry import init_from_registered
+    from videobert.model import JointVocab
     from videobert.tracking import MetricsLogger, use_tracking_uri
     from videobert.training_examples import ExampleBuilder
 
@@ -47,24 +47,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     training.init_distributed(train.use_gpu)
-
+    use_tracking_uri(loop_config["tracking_uri"])  # a fresh worker: the registry of the driver
     vocab = JointVocab.from_dict(loop_config["vocab"])
-    model = build_model(config.model.size, vocab, config.model.max_seq_len, seed=train.seed)
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config["init_model_uri"]:
-        use_tracking_uri(loop_config["tracking_uri"])
-        copied = init_from_registered(
-            model, vocab, loop_config["init_model_uri"], loop_config["codebook_version"]
+    with checkpoint.as_directory() if checkpoint else contextlib.nullcontext() as directory:
+        engine, start_step = training.prepare_rank(
+            config, vocab, world, directory, loop_config["init_model_uri"], loop_config["codebook_version"]
         )
-        if rank == 0:
-            log.info("initialised from %s: %s", loop_config["init_model_uri"], copied)
-    elif checkpoint is None and config.model.init_from:
-        init_from_bert(model, config.model.init_from, vocab)
-    engine = training.build_engine(model, train, world)
-    start_step = 0
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            start_step = training.load_checkpoint(engine, directory)
     if rank == 0:
         log.info("worker 0 of %d: starting at step %d of %d", world, start_step, train.steps)
 
@@ -117,12 +106,12 @@ def run(
 
     from videobert import training
     from videobert.evaluation import in_holdout
-    from videobert.model import JointVocab, VideoBert, VideoBertConfig, load_weights
+    from videobert.model import JointVocab
     from videobert.registry import (
         CANDIDATE,
         TRAINED_ON_TAGS,
         champion_to_continue_from,
-        log_and_register_model,
+        register_pretrained,
         version_tags,
     )
     from videobert.text_tokenizer import TextTokenizer
@@ -196,27 +185,17 @@ def run(
     metrics = {k: float(v) for k, v in (result.metrics or {}).items() if isinstance(v, (int, float))}
 
     with result.checkpoint.as_directory() as directory:
-        state = training.consolidated_fp32_state(directory)
-    model = VideoBert(VideoBertConfig.from_size(config.model.size, vocab.size, config.model.max_seq_len))
-    load_weights(model, state)
-    metadata = {
-        "codebook_version": tokens.codebook.version,
-        "tokenizer_version": tokens.tokenizer.version,
-        "codebook_uri": tokens.codebook.uri,
-        "tokenizer_uri": tokens.tokenizer.uri,
-        "tokens_uri": tokens.tokens_uri,
-        "model_size": config.model.size,
-        "max_seq_len": config.model.max_seq_len,
+        model = training.model_from_checkpoint(directory, config, vocab)
+    use_tracking_uri(uri)  # Ray Train may have started workers that re-pointed MLflow here
+    log_loss_curve(run_id)
+    trained = {
+        **trained_on,
         "steps": int(metrics.get("step", config.train.steps)),
         "run_name": run_name,
         "checkpoint": result.checkpoint.path,
         "init_from": init_model_uri or config.model.init_from or "",
     }
-    use_tracking_uri(uri)  # Ray Train may have started workers that re-pointed MLflow here
-    log_loss_curve(run_id)
-    version = log_and_register_model(run_id, model, vocab, metadata, config, name)
-    for tag, value in trained_on.items():
-        client.set_model_version_tag(name, version, tag, value)
+    version = register_pretrained(run_id, model, vocab, config, tokens, trained)
     client.set_terminated(run_id, "FINISHED")
     log.info("registered %s version %s as @%s", name, version, CANDIDATE)
     return PretrainResult(

@@ -22,6 +22,7 @@ import torch
 import yaml
 
 from pipelines import embed
+from pipelines.common import EXIT_MISSING_INPUT
 from tests import videos
 from videobert import storage, tables
 from videobert.codebook import HierarchicalCodebook
@@ -213,9 +214,9 @@ def test_resolution_and_exit_codes(world: World, capsys: pytest.CaptureFixture) 
     )
 
     config = ["--config", str(world.config_path)]
-    assert embed.main([*config, "--set", "embed.model_uri=models:/videobert@nope"]) == 2
+    assert embed.main([*config, "--set", "embed.model_uri=models:/videobert@nope"]) == EXIT_MISSING_INPUT
     assert "models:/videobert@nope" in capsys.readouterr().err
-    assert embed.main([*config, "--set", "embed.model_uri=models:/videobert/9"]) == 2
+    assert embed.main([*config, "--set", "embed.model_uri=models:/videobert/9"]) == EXIT_MISSING_INPUT
     assert embed.main([*config, "--set", "embed.model_uri=videobert"]) == 2
     assert "embed.model_uri" in capsys.readouterr().err
     # The codebook was fit on seed-0 random S3D features: another encoder would give meaningless words.

@@ -50,11 +50,12 @@ def _check_promotion_rules(client: MlflowClient, name: str) -> None:
     assert alias_version(client, name, CHAMPION) == better
     assert client.get_model_version(name, better).tags["promotion.decision"] == "promoted"
 
-    # Promoting again is a no-op; an unevaluated version is refused with a clear message.
+    # Promoting again is a no-op; an unevaluated version moves nothing and says why.
     assert promote(client, name, better, METRIC).promoted
     unevaluated = _new_version(client, name, None)
-    with pytest.raises(ValueError, match="videobert evaluate"):
-        promote(client, name, unevaluated, METRIC)
+    decision = promote(client, name, unevaluated, METRIC)
+    assert not decision.promoted and "videobert evaluate" in decision.reason
+    assert client.get_model_version(name, unevaluated).tags["promotion.decision"] == "not evaluated"
     assert alias_version(client, name, CHAMPION) == better
 
 

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipelines import fit_codebook, tokenize
+from pipelines.common import EXIT_MISSING_INPUT
 from tests.feature_corpus import write_video
 from videobert import storage
 from videobert.codebook import HierarchicalCodebook, latest_codebook
@@ -212,7 +213,7 @@ def test_stages_round_trip_through_s3(ray_cluster, s3_bucket, tmp_path):
 
 def test_tokenize_without_codebook_fails_clearly(tmp_path):
     config = config_for(str(tmp_path), tmp_path)
-    assert tokenize.main(["--set", f"output={config.output}"]) == 3
+    assert tokenize.main(["--set", f"output={config.output}"]) == EXIT_MISSING_INPUT
 
 
 @dataclass
@@ -347,3 +348,36 @@ def test_fit_codebook_and_tokenize_by_ray_job_submit(ray_cluster, tmp_path):
     (tokenizer,) = list_tokenizers(config.output)
     tokens = read_tokens(config.output, codebook.version, tokenizer["version"])
     assert set(tokens.column("video_id").to_pylist()) == written
+
+
+def test_pretrain_trains_on_what_tokenize_made_for_this_config(ray_cluster, tmp_path):
+    """Switch `text.vocab_size` to a new value and back: tokenize reuses the first tokenizer,
+    and pretrain run alone must train on that tokenizer's shards, not on the newest ones."""
+    from pipelines import pretrain
+    from videobert.registry import load_registered_model
+
+    training = (
+        "model.size=debug",
+        "model.max_seq_len=64",
+        "train.steps=1",
+        "train.batch_size=4",
+        "train.checkpoint_every=1",
+        "evaluate.holdout_fraction=0",
+    )
+    small = config_for(str(tmp_path), tmp_path, "text.vocab_size=40", *training)
+    large = config_for(str(tmp_path), tmp_path, "text.vocab_size=60", *training)
+    for number in range(4):
+        write_video(small.output, small.source, number, transcript="vtt")
+    fit_codebook.run(small)
+    chosen = tokenize.run(small)
+    newer = tokenize.run(large)
+    assert newer.tokenizer.version != chosen.tokenizer.version  # two tokenizers, two shard sets
+    back = tokenize.run(small)
+    assert back.tokenizer == chosen.tokenizer and back.videos_tokenized == 0
+
+    trained = pretrain.run(small)
+    use_tracking_uri(tracking_uri(small))
+    _, vocab, meta = load_registered_model(trained.model_uri)
+    assert meta["tokenizer_version"] == chosen.tokenizer.version
+    assert meta["tokens_uri"] == chosen.tokens_uri
+    assert vocab.text_size == len(TextTokenizer.load(chosen.tokenizer.uri).vocab)

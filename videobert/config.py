@@ -401,7 +401,7 @@ class EmbedConfig:
     videos_per_batch: int = 16
     """Videos per batch in an embedding actor (their chunks run as one padded forward pass)."""
     actors: int | None = None
-    """Embedding actors (None: one per GPU, else one)."""
+    """Embedding actors (None: one per GPU, else one per node; see pipelines/ray_stages.py)."""
     reuse_features: bool = True
     """Use extract's committed features of a video (same ETag and encoder) instead of decoding it again."""
     retry_errors: bool = False

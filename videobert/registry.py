@@ -25,7 +25,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import mlflow.pyfunc
@@ -36,7 +36,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import videobert
-from videobert.config import ConfigError, ExperimentConfig, config_to_yaml, parse_model_uri
+from videobert.config import ExperimentConfig, config_to_yaml, parse_model_uri
 from videobert.model import (
     MASK,
     VIDEO_SEP,
@@ -47,6 +47,10 @@ from videobert.model import (
     load_pretrained,
     save_pretrained,
 )
+from videobert.results import MissingInputError
+
+if TYPE_CHECKING:
+    from videobert.results import TokenizeResult
 
 CHAMPION = "champion"
 CANDIDATE = "candidate"
@@ -222,7 +226,7 @@ def resolve_model_version(model_uri: str) -> ModelVersionInfo:
         else:
             client.get_model_version(name, str(version))
     except MlflowException as error:
-        raise ConfigError(
+        raise MissingInputError(
             f"{model_uri}: no such registered model version in {mlflow.get_registry_uri()} ({error.message}); "
             "run `videobert pretrain` (and `videobert promote` for @champion) or pick a version with "
             "--set embed.model_uri=models:/<name>/<version>"
@@ -274,7 +278,8 @@ class PromotionDecision:
     model_name: str
     version: str
     metric: str
-    candidate_score: float
+    candidate_score: float | None
+    """None when the version was never evaluated on `metric` (then nothing moves)."""
     champion_version: str | None
     champion_score: float | None
     promoted: bool
@@ -284,18 +289,17 @@ class PromotionDecision:
 def promote(client: MlflowClient, model_name: str, version: str, metric: str) -> PromotionDecision:
     """Point `champion` at `version` if it beats the current champion on `metric` (higher wins).
 
-    A first version becomes champion. A version that was never evaluated is refused. Ties keep
-    the current champion, so reruns never flip-flop. Idempotent: promoting the champion again
-    changes nothing but the recorded decision.
+    A first version becomes champion. A version without an evaluation on `metric` is recorded
+    as "not evaluated" and moves nothing: a missing metric never stops a scheduled run. Ties
+    keep the current champion, so reruns never flip-flop. Idempotent: promoting the champion
+    again changes nothing but the recorded decision.
     """
     candidate_score = version_score(client, model_name, version, metric)
-    if candidate_score is None:
-        raise ValueError(
-            f"{model_name} version {version} has no {eval_tag(metric)} tag: run `videobert evaluate` first"
-        )
     champion_version = alias_version(client, model_name, CHAMPION)
     champion_score = version_score(client, model_name, champion_version, metric) if champion_version else None
-    if champion_version is None:
+    if candidate_score is None:
+        promoted, reason = False, f"not evaluated: no {eval_tag(metric)} tag (run `videobert evaluate`)"
+    elif champion_version is None:
         promoted, reason = True, "no champion yet"
     elif champion_version == version:
         promoted, reason = True, "already champion"
@@ -311,10 +315,14 @@ def promote(client: MlflowClient, model_name: str, version: str, metric: str) ->
         model_name, version, metric, candidate_score, champion_version, champion_score, promoted, reason
     )
     for key, value in {
-        "promotion.decision": "promoted" if promoted else "rejected",
+        "promotion.decision": "promoted"
+        if promoted
+        else "rejected"
+        if candidate_score is not None
+        else "not evaluated",
         "promotion.reason": reason,
         "promotion.metric": metric,
-        "promotion.candidate_score": f"{candidate_score:.6f}",
+        "promotion.candidate_score": "" if candidate_score is None else f"{candidate_score:.6f}",
         "promotion.champion_version": champion_version or "",
         "promotion.champion_score": "" if champion_score is None else f"{champion_score:.6f}",
     }.items():
@@ -387,3 +395,33 @@ def record_evaluation(
         client.set_model_version_tag(name, version, eval_tag(key), f"{value:.6f}")
     client.set_model_version_tag(name, version, EVAL_RUN_TAG, active.info.run_id)
     return active.info.run_id
+
+
+def register_pretrained(
+    run_id: str,
+    model: VideoBert,
+    vocab: JointVocab,
+    config: ExperimentConfig,
+    tokens: TokenizeResult,
+    trained: dict[str, Any],
+) -> str:
+    """Register a pretrained model as `candidate`, with the metadata that makes it
+    self-describing (codebook, tokenizer, tokens, run) and tags saying what it was trained on
+    (TRAINED_ON_TAGS); returns the version. `trained`: run_name, steps, checkpoint, init_from
+    and the TRAINED_ON_TAGS values."""
+    metadata = {
+        "codebook_version": tokens.codebook.version,
+        "tokenizer_version": tokens.tokenizer.version,
+        "codebook_uri": tokens.codebook.uri,
+        "tokenizer_uri": tokens.tokenizer.uri,
+        "tokens_uri": tokens.tokens_uri,
+        "model_size": config.model.size,
+        "max_seq_len": config.model.max_seq_len,
+        **{k: trained[k] for k in ("steps", "run_name", "checkpoint", "init_from")},
+    }
+    name = config.mlflow.registered_model
+    version = log_and_register_model(run_id, model, vocab, metadata, config, name)
+    client = MlflowClient()
+    for tag in TRAINED_ON_TAGS:
+        client.set_model_version_tag(name, version, tag, trained[tag])
+    return version

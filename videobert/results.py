@@ -166,7 +166,7 @@ class ExtractResult(VideoStageSummary):
     def details(self) -> list[str]:
         lines = [f"  features: {self.features}", f"  manifest: {self.manifest}"]
         if self.relinked:
-            lines.insert(0, f"  {self.relinked} extracted videos with a new transcript sidecar")
+            lines.insert(0, f"  relinked: {self.relinked} with a new transcript sidecar")
         return lines
 
 

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from videobert.config import TrainConfig
-from videobert.model import VideoBert
+from videobert.config import ExperimentConfig, TrainConfig
+from videobert.model import JointVocab, VideoBert
 from videobert.training_examples import IGNORE, REGIMES
 
 CHECKPOINT_TAG = "ds"  # one DeepSpeed tag per checkpoint directory; the step lives in client_state
@@ -307,3 +307,42 @@ def train_loop(
         if on_checkpoint is not None and (step % train.checkpoint_every == 0 or last):
             on_checkpoint(step, metrics)
     return metrics
+
+
+def prepare_rank(
+    config: ExperimentConfig,
+    vocab: JointVocab,
+    world_size: int,
+    checkpoint_dir: str | None = None,
+    init_model_uri: str | None = None,
+    codebook_version: str = "",
+) -> tuple[Any, int]:
+    """One rank's model in its DeepSpeed engine, and the step to start from.
+
+    Restored from `checkpoint_dir` when there is one; else a fresh model, initialised from a
+    registered version (`init_model_uri`, train.resume_from_champion) or a BERT checkpoint
+    (model.init_from) when configured.
+    """
+    from videobert.model import build_model, init_from_bert
+
+    model = build_model(config.model.size, vocab, config.model.max_seq_len, seed=config.train.seed)
+    if checkpoint_dir is None and init_model_uri:
+        from videobert.registry import init_from_registered
+
+        init_from_registered(model, vocab, init_model_uri, codebook_version)
+    elif checkpoint_dir is None and config.model.init_from:
+        init_from_bert(model, config.model.init_from, vocab)
+    engine = build_engine(model, config.train, world_size)
+    start_step = load_checkpoint(engine, checkpoint_dir) if checkpoint_dir is not None else 0
+    return engine, start_step
+
+
+def model_from_checkpoint(
+    directory: str | os.PathLike[str], config: ExperimentConfig, vocab: JointVocab
+) -> VideoBert:
+    """The full fp32 model from a (sharded) DeepSpeed checkpoint, on CPU."""
+    from videobert.model import VideoBertConfig, load_weights
+
+    model = VideoBert(VideoBertConfig.from_size(config.model.size, vocab.size, config.model.max_seq_len))
+    load_weights(model, consolidated_fp32_state(directory))
+    return model
