@@ -19,7 +19,6 @@ model version gets a folder of its own. A video that extract already turned into
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -30,9 +29,9 @@ from typing import Any
 from pipelines.common import init_ray, stage_main
 from pipelines.ray_stages import actor_pool, decoded_clips, map_stage
 from videobert import storage, tables
-from videobert.config import ConfigError, ExperimentConfig
+from videobert.config import ExperimentConfig
 from videobert.results import EmbedResult, stage_run_id
-from videobert.videos import ClipWords, gather_videos, list_videos, rows_by_video, videos_to_do
+from videobert.videos import ClipWords, gather_videos
 
 log = logging.getLogger("videobert.embed")
 
@@ -79,72 +78,43 @@ def embedded(
 def run(config: ExperimentConfig) -> EmbedResult:
     """Embed every new or changed video under `source` with `embed.model_uri` (see module doc)."""
     # Modules that pull in mlflow and torch are imported here, so `--help` answers at once.
-    from videobert.codebook import METADATA_FILE
-    from videobert.embedding import REUSED, EmbedCommitter, check_compatible, reusable_features
-    from videobert.features import encoder_id, load_weights
-    from videobert.registry import resolve_model_version
+    from videobert.embedding import REUSED, EmbedCommitter, plan_embed
+    from videobert.features import load_weights
     from videobert.tracking import tracking_uri, use_tracking_uri
 
     started = time.perf_counter()
-    s3 = config.s3
-    storage.check_reachable(config.source, s3)
+    storage.check_reachable(config.source, config.s3)
     use_tracking_uri(tracking_uri(config))
-    model = resolve_model_version(config.embed.model_uri)
+    plan = plan_embed(config)
+    model = plan.model
     log.info("embedding with %s (resolved from %s)", model.uri, model.requested)
-    codebook_uri = model.metadata.get("codebook_uri")
-    if not codebook_uri:
-        raise ConfigError(f"{model.uri}: its metadata.json names no codebook_uri")
-    try:
-        codebook_meta = json.loads(storage.read_bytes(storage.join(codebook_uri, METADATA_FILE), s3))
-    except FileNotFoundError as error:
-        raise ConfigError(f"{model.uri}: its codebook {codebook_uri} is gone ({error})") from error
-    encoder = encoder_id(config.encoder)
-    check_compatible(model, codebook_meta, encoder)
-
-    root = config.embed.output or tables.Layout(config.output).embeddings
-    storage.check_reachable(root, s3, create=True)
-    layout = tables.EmbeddingLayout.for_model(root, model.name, model.version)
-    videos = list_videos(config)
-    manifest = rows_by_video(tables.read_newest(layout.manifest, tables.EMBED_MANIFEST_SCHEMA, s3))
-    todo = videos_to_do(videos, manifest, config.embed.retry_errors)
     result = EmbedResult(
         run_id=stage_run_id("embed"),
-        listed=len(videos),
-        skipped=len(videos) - len(todo),
+        listed=len(plan.videos),
+        skipped=len(plan.videos) - len(plan.todo),
         model_uri=model.uri,
         requested_uri=model.requested,
         model_version=model.version,
-        directory=layout.directory,
+        directory=plan.layout.directory,
     )
-    provenance = {"model_uri": model.uri, "codebook_version": codebook_meta["version"], "encoder": encoder}
-    committer = EmbedCommitter(config, layout, todo, provenance, result)
-    if todo:
-        reusable = reusable_features(config, encoder) if config.embed.reuse_features else {}
-        reuse = [v for v in todo if reusable.get(v["video_id"]) == v["etag"]]
-        decode = [v for v in todo if reusable.get(v["video_id"]) != v["etag"]]
-        log.info(
-            "embedding %d videos (%d from extract's features, %d to decode; %d up to date)",
-            len(todo),
-            len(reuse),
-            len(decode),
-            result.skipped,
-        )
+    committer = EmbedCommitter(config, plan.layout, plan.todo, plan.provenance, result)
+    if plan.todo:
+        log.info("embedding %d videos (%d from extract's features)", len(plan.todo), len(plan.reuse))
         init_ray()
         items = []
-        if decode:
-            load_weights(config.encoder, s3)  # fail fast (exit 2) when the S3D weights cannot be had
-            items += words_of_decoded_videos(config, decode, codebook_uri, committer)
-        features_of = tables.Layout(config.output).features_file
+        if plan.decode:
+            load_weights(config.encoder, config.s3)  # fail fast (exit 2) when the S3D weights cannot be had
+            items += words_of_decoded_videos(config, plan.decode, plan.codebook_uri, committer)
+        features_file = tables.Layout(config.output).features_file
         items += [
-            {"video_id": v["video_id"], "visual_words": [], "features_uri": features_of(v["video_id"])}
-            for v in reuse
+            {"video_id": v["video_id"], "visual_words": [], "features_uri": features_file(v["video_id"])}
+            for v in plan.reuse
         ]
-        committer.features.update({v["video_id"]: REUSED for v in reuse})
-        if items:
-            for row in embedded(config, items, model.uri, codebook_uri):
-                committer.commit_video(row["video_id"], row["error"], row)
+        committer.features.update({v["video_id"]: REUSED for v in plan.reuse})
+        for row in embedded(config, items, model.uri, plan.codebook_uri) if items else ():
+            committer.commit_video(row["video_id"], row["error"], row)
     committer.flush()
-    tables.compact_parts(layout.manifest, tables.EMBED_MANIFEST_SCHEMA, s3)
+    tables.compact_parts(plan.layout.manifest, tables.EMBED_MANIFEST_SCHEMA, config.s3)
     result.seconds = time.perf_counter() - started
     print(result.report(), flush=True)
     return result

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import sys
 
 import numpy as np
@@ -23,7 +22,14 @@ import pyarrow.compute as pc
 from pipelines.common import init_ray, stage_main
 from pipelines.ray_stages import map_tasks
 from videobert import storage
-from videobert.codebook import HierarchicalCodebook, encoders_of, sample_scores
+from videobert.codebook import (
+    HierarchicalCodebook,
+    cut_sample,
+    encoders_of,
+    fit_settings,
+    sample_threshold,
+    scored_clips,
+)
 from videobert.config import ExperimentConfig
 from videobert.gallery import write_gallery
 from videobert.results import CodebookResult, MissingInputError, find_codebook
@@ -46,31 +52,21 @@ def sample_features(config: ExperimentConfig, manifest: pa.Table) -> pa.Table:
         raise MissingInputError(
             f"no committed features under {layout.features}: run `videobert extract` first"
         )
-    total = sum(n or 0 for n in ok.column("num_clips").to_pylist())
-    wanted = config.codebook.sample_size
-    # Keep a little more than the expected share so the final cut rarely comes up short.
-    keep_below = 1.0 if total <= wanted else min(1.0, (wanted + 4 * math.sqrt(wanted) + 16) / total)
-    seed = config.codebook.seed
-
-    def score(batch: pa.Table) -> pa.Table:
-        scores = sample_scores(
-            batch.column("video_id").to_pylist(), batch.column("clip_index").to_numpy(), seed
-        )
-        batch = batch.append_column("score", pa.array(scores))
-        return batch.filter(pc.less(batch.column("score"), keep_below))
-
+    wanted, seed = config.codebook.sample_size, config.codebook.seed
+    keep_below = sample_threshold(sum(n or 0 for n in ok.column("num_clips").to_pylist()), wanted)
     fs, _ = storage.filesystem(config.output, config.s3)
     paths = [storage.filesystem(f, config.s3)[1] for f in files]
     columns = ["video_id", "clip_index", "start_s", "end_s", "feature"]
-    dataset = map_tasks(ray.data.read_parquet(paths, filesystem=fs, columns=columns), score, None, "pyarrow")
-    tables = [table for table in ray.get(dataset.to_arrow_refs()) if table.num_rows]
-    if not tables:
-        raise MissingInputError(f"the features under {layout.features} hold no clips")
-    sample = pa.concat_tables(tables)
-    order = pc.sort_indices(
-        sample, [("score", "ascending"), ("video_id", "ascending"), ("clip_index", "ascending")]
+    dataset = map_tasks(
+        ray.data.read_parquet(paths, filesystem=fs, columns=columns),
+        lambda batch: scored_clips(batch, seed, keep_below),
+        None,
+        "pyarrow",
     )
-    return sample.take(order[:wanted])
+    scored = [table for table in ray.get(dataset.to_arrow_refs()) if table.num_rows]
+    if not scored:
+        raise MissingInputError(f"the features under {layout.features} hold no clips")
+    return cut_sample(scored, wanted)
 
 
 def fit_on_cluster(
@@ -83,20 +79,11 @@ def fit_on_cluster(
     """
     import ray
 
-    c = config.codebook
-    kwargs = {
-        "k": c.k,
-        "depth": c.depth,
-        "seed": c.seed,
-        "iterations": c.iterations,
-        "encoder": encoder,
-        "max_points_per_centroid": c.max_points_per_centroid,
-        "init_trials": c.init_trials,
-    }
+    settings = fit_settings(config.codebook, encoder)
     if ray.cluster_resources().get("GPU", 0) < 1:
-        return HierarchicalCodebook.fit(features, **kwargs)
+        return HierarchicalCodebook.fit(features, **settings)
     task = ray.remote(num_gpus=1, num_cpus=1)(HierarchicalCodebook.fit)
-    return ray.get(task.remote(features, **kwargs))
+    return ray.get(task.remote(features, **settings))
 
 
 def run(config: ExperimentConfig) -> CodebookResult:

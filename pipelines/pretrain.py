@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -107,19 +106,12 @@ def run(
     from videobert import training
     from videobert.evaluation import in_holdout
     from videobert.model import JointVocab
-    from videobert.registry import (
-        CANDIDATE,
-        TRAINED_ON_TAGS,
-        champion_to_continue_from,
-        register_pretrained,
-        version_tags,
-    )
+    from videobert.registry import CANDIDATE, already_trained, champion_to_continue_from, register_pretrained
     from videobert.text_tokenizer import TextTokenizer
     from videobert.tracking import (
-        log_lineage,
         log_loss_curve,
+        open_pretrain_run,
         setup_experiment,
-        start_or_resume_run,
         tracking_uri,
         use_tracking_uri,
     )
@@ -127,22 +119,17 @@ def run(
     tokens = tokens or find_tokens(config)
     name = config.mlflow.registered_model
     setup_experiment(config)
-    client = mlflow.MlflowClient()
     trained_on = {"tokens_digest": tokens.digest, "train_digest": train_digest(config)}
-    candidate = version_tags(client, name, CANDIDATE)
-    if all(candidate.get(tag) == trained_on[tag] for tag in TRAINED_ON_TAGS):
-        log.info("pretrain: candidate v%s already trained on these tokens and settings", candidate["version"])
-        return PretrainResult(name, candidate["version"], skipped=True)
+    version = already_trained(config, trained_on)
+    if version is not None:
+        log.info("pretrain: candidate v%s already trained on these tokens and settings", version)
+        return PretrainResult(name, version, skipped=True)
 
     vocab = JointVocab(TextTokenizer.load(tokens.tokenizer.uri, config.s3).vocab, tokens.codebook.vocab_size)
     uri = tracking_uri(config)
     init_model_uri = champion_to_continue_from(config)
     run_name = pretrain_run_name(config, tokens, init_model_uri)
-    run_id, resumed = start_or_resume_run(config, run_name)
-    log_lineage(run_id, tokens.tokens_uri, tokens.files, tokens.codebook.version, tokens.tokenizer.version)
-    log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
-    if init_model_uri:
-        client.set_tag(run_id, "init_from", init_model_uri)
+    run_id = open_pretrain_run(config, tokens, run_name, init_model_uri)
 
     init_ray()
     fs, _ = storage.filesystem(tokens.tokens_uri, config.s3)
@@ -152,10 +139,9 @@ def run(
     if fraction > 0:  # the videos evaluate holds out never reach training
         dataset = dataset.filter(lambda row: not in_holdout(row["video_id"], fraction))
 
-    storage_uri = config.train.storage_path or Layout(config.output).train
-    storage_fs, storage_path = None, os.path.abspath(storage_uri)
-    if storage.is_s3(storage_uri):
-        storage_fs, storage_path = storage.filesystem(storage_uri, config.s3)
+    storage_fs, storage_path = storage.arrow_location(
+        config.train.storage_path or Layout(config.output).train, config.s3
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -196,7 +182,7 @@ def run(
         "init_from": init_model_uri or config.model.init_from or "",
     }
     version = register_pretrained(run_id, model, vocab, config, tokens, trained)
-    client.set_terminated(run_id, "FINISHED")
+    mlflow.MlflowClient().set_terminated(run_id, "FINISHED")
     log.info("registered %s version %s as @%s", name, version, CANDIDATE)
     return PretrainResult(
         name,

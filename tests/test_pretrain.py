@@ -13,7 +13,8 @@ import mlflow
 import pytest
 
 from pipelines import pretrain
-from tests.token_corpus import write_corpus
+from pipelines.common import EXIT_MISSING_INPUT
+from tests.token_corpus import vocab_uri, write_corpus
 from videobert.config import load_config
 from videobert.registry import load_registered_model
 from videobert.tracking import use_tracking_uri
@@ -43,7 +44,13 @@ def corpus_output(tmp_path_factory: pytest.TempPathFactory) -> str:
 def config_for(output: str, tmp_path, *overrides: str):
     config = load_config(
         None,
-        [f"output={output}", f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *COMMON, *overrides],
+        [
+            f"output={output}",
+            f"text.vocab={vocab_uri(output)}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path}/mlflow.db",
+            *COMMON,
+            *overrides,
+        ],
     )
     return config
 
@@ -148,6 +155,7 @@ def test_ray_job_submit_pretrain_on_s3(ray_cluster, s3_bucket, tmp_path):
                 f"output: {output}",
                 "model: {size: debug, max_seq_len: 64}",
                 "codebook: {k: 4, depth: 2}",
+                f"text: {{vocab: '{vocab_uri(output)}'}}",
                 "train: {workers: 2, batch_size: 16, steps: 4, checkpoint_every: 2, zero_stage: 1, "
                 "precision: fp32, run_name: job-submit}",
                 f"mlflow: {{tracking_uri: 'sqlite:///{tmp_path}/mlflow.db', registered_model: job-model}}",
@@ -166,8 +174,8 @@ def test_ray_job_submit_pretrain_on_s3(ray_cluster, s3_bucket, tmp_path):
     assert storage.list_files(f"{output}/train/job-submit", suffix="model_states.pt")
 
 
-def test_missing_tokens_is_a_clear_storage_error(tmp_path):
+def test_missing_tokens_is_a_clear_missing_input_error(tmp_path):
     config = config_for(str(tmp_path / "empty"), tmp_path)
-    assert pretrain.main([f"--set=output={tmp_path / 'empty'}", "--set=codebook.k=4"]) == 3
+    assert pretrain.main([f"--set=output={tmp_path / 'empty'}", "--set=codebook.k=4"]) == EXIT_MISSING_INPUT
     with pytest.raises(Exception, match="no codebook"):
         pretrain.run(config)

@@ -47,21 +47,22 @@ def token_table(
     return pa.table(rows, schema=TOKENS_SCHEMA)
 
 
-def write_corpus(output: str, shards: int = 2, **kwargs) -> str:
-    """A saved tokenizer (TEXT_VOCAB tokens) and codebook (k=4, depth=2) under `output`, and the
-    corpus as `shards` Parquet files under tokens/<codebook>-<tokenizer>/; returns that dir."""
-    import tempfile
+def vocab_uri(output: str) -> str:
+    """The corpus's vocab file: a config selects the corpus's tokenizer with `text.vocab=` it."""
+    return storage.join(output, "corpus-vocab.txt")
 
+
+def write_corpus(output: str, shards: int = 2, **kwargs) -> str:
+    """A saved tokenizer (TEXT_VOCAB tokens, from the vocab file at `vocab_uri`) and codebook
+    (k=4, depth=2) under `output`, and the corpus as `shards` Parquet files under
+    tokens/<codebook>-<tokenizer>/; returns that dir."""
     from videobert.codebook import HierarchicalCodebook
     from videobert.text_tokenizer import TextTokenizer
 
-    with tempfile.TemporaryDirectory() as tmp:
-        vocab_file = f"{tmp}/vocab.txt"
-        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-        words += [f"w{i}" for i in range(TEXT_VOCAB - len(words))]
-        with open(vocab_file, "w") as handle:
-            handle.write("\n".join(words) + "\n")
-        tokenizer = TextTokenizer.from_vocab_file(vocab_file)
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words += [f"w{i}" for i in range(TEXT_VOCAB - len(words))]
+    storage.write_bytes(vocab_uri(output), ("\n".join(words) + "\n").encode())
+    tokenizer = TextTokenizer.from_vocab_file(vocab_uri(output))
     assert tokenizer.vocab_size == TEXT_VOCAB
     tokenizer.save_to_output(output)
     features = np.random.default_rng(0).standard_normal((256, 8)).astype(np.float32)

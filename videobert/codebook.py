@@ -35,18 +35,20 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from videobert import storage, versions
-from videobert.config import S3Config
+from videobert.config import CodebookConfig, S3Config
 from videobert.kmeans import distance_scores, kmeans, kmeans_batched, nearest, squared_norms
 from videobert.tables import Layout
 
@@ -548,3 +550,38 @@ def encoders_of(manifest: pa.Table) -> str | None:
     if len(encoders) > 1:
         log.warning("features come from several encoders %s; fitting on all of them", encoders)
     return ",".join(encoders) or None
+
+
+def sample_threshold(total_clips: int, wanted: int) -> float:
+    """Keep clips whose sample score is below this: a little more than the expected share of
+    `wanted` out of `total_clips`, so the final cut (`cut_sample`) rarely comes up short."""
+    return 1.0 if total_clips <= wanted else min(1.0, (wanted + 4 * math.sqrt(wanted) + 16) / total_clips)
+
+
+def scored_clips(batch: pa.Table, seed: int, keep_below: float) -> pa.Table:
+    """The clips of a batch of feature rows whose seeded score is below `keep_below`, with it."""
+    scores = sample_scores(batch.column("video_id").to_pylist(), batch.column("clip_index").to_numpy(), seed)
+    batch = batch.append_column("score", pa.array(scores))
+    return batch.filter(pc.less(batch.column("score"), keep_below))
+
+
+def cut_sample(scored: list[pa.Table], wanted: int) -> pa.Table:
+    """The `wanted` lowest-scoring clips: the same sample whatever order the batches came in."""
+    sample = pa.concat_tables(scored)
+    order = pc.sort_indices(
+        sample, [("score", "ascending"), ("video_id", "ascending"), ("clip_index", "ascending")]
+    )
+    return sample.take(order[:wanted])
+
+
+def fit_settings(codebook: CodebookConfig, encoder: str | None) -> dict[str, Any]:
+    """`HierarchicalCodebook.fit` keyword arguments from the config's codebook section."""
+    return {
+        "k": codebook.k,
+        "depth": codebook.depth,
+        "seed": codebook.seed,
+        "iterations": codebook.iterations,
+        "encoder": encoder,
+        "max_points_per_centroid": codebook.max_points_per_centroid,
+        "init_trials": codebook.init_trials,
+    }

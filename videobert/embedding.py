@@ -16,6 +16,7 @@ Ray-free: pipelines/embed.py maps `VideoEmbedder` over actors and commits with `
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -275,3 +276,62 @@ class EmbedCommitter(ManifestCommitter):
             "run_id": self.summary.run_id,
         }
         self.commit(video, manifest_row, self.layout.data_file(vid), output, error, num_clips)
+
+
+@dataclass
+class EmbedPlan:
+    """What an embed run has to do, and with which model version."""
+
+    model: ModelVersionInfo
+    codebook_uri: str
+    layout: tables.EmbeddingLayout
+    provenance: dict[str, str]
+    """model_uri, codebook_version and encoder: written into every embedding row."""
+    videos: list[dict[str, Any]]
+    """Every listed video."""
+    reuse: list[dict[str, Any]]
+    """Videos to embed from extract's committed features (same ETag and encoder)."""
+    decode: list[dict[str, Any]]
+    """Videos to decode and encode first."""
+
+    @property
+    def todo(self) -> list[dict[str, Any]]:
+        return self.reuse + self.decode
+
+
+def plan_embed(config: ExperimentConfig) -> EmbedPlan:
+    """Resolve `embed.model_uri` to one version, check that its codebook fits this config's
+    encoder, and list the videos whose embedding is not up to date (`videos.is_up_to_date`)."""
+    from videobert.codebook import METADATA_FILE
+    from videobert.features import encoder_id
+    from videobert.registry import resolve_model_version
+    from videobert.videos import list_videos, rows_by_video, videos_to_do
+
+    s3 = config.s3
+    model = resolve_model_version(config.embed.model_uri)
+    codebook_uri = model.metadata.get("codebook_uri")
+    if not codebook_uri:
+        raise ConfigError(f"{model.uri}: its metadata.json names no codebook_uri")
+    try:
+        codebook_meta = json.loads(storage.read_bytes(storage.join(codebook_uri, METADATA_FILE), s3))
+    except FileNotFoundError as error:
+        raise ConfigError(f"{model.uri}: its codebook {codebook_uri} is gone ({error})") from error
+    encoder = encoder_id(config.encoder)
+    check_compatible(model, codebook_meta, encoder)
+
+    root = config.embed.output or tables.Layout(config.output).embeddings
+    storage.check_reachable(root, s3, create=True)
+    layout = tables.EmbeddingLayout.for_model(root, model.name, model.version)
+    videos = list_videos(config)
+    manifest = rows_by_video(tables.read_newest(layout.manifest, tables.EMBED_MANIFEST_SCHEMA, s3))
+    todo = videos_to_do(videos, manifest, config.embed.retry_errors)
+    reusable = reusable_features(config, encoder) if config.embed.reuse_features and todo else {}
+    return EmbedPlan(
+        model=model,
+        codebook_uri=codebook_uri,
+        layout=layout,
+        provenance={"model_uri": model.uri, "codebook_version": codebook_meta["version"], "encoder": encoder},
+        videos=videos,
+        reuse=[v for v in todo if reusable.get(v["video_id"]) == v["etag"]],
+        decode=[v for v in todo if reusable.get(v["video_id"]) != v["etag"]],
+    )

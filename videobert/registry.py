@@ -425,3 +425,9 @@ def register_pretrained(
     for tag in TRAINED_ON_TAGS:
         client.set_model_version_tag(name, version, tag, trained[tag])
     return version
+
+
+def already_trained(config: ExperimentConfig, trained_on: dict[str, str]) -> str | None:
+    """The candidate version when it was trained on exactly `trained_on` (TRAINED_ON_TAGS)."""
+    tags = version_tags(MlflowClient(), config.mlflow.registered_model, CANDIDATE)
+    return tags["version"] if tags and all(tags.get(t) == trained_on[t] for t in TRAINED_ON_TAGS) else None

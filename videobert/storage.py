@@ -116,6 +116,14 @@ def filesystem(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem, s
     return pafs.LocalFileSystem(), os.path.abspath(uri)
 
 
+def arrow_location(uri: str, s3: S3Config | None = None) -> tuple[pafs.FileSystem | None, str]:
+    """(filesystem, path) for libraries that take pyarrow's pair (Ray Train storage): an S3
+    filesystem with this config's endpoint, or None and an absolute local path."""
+    if is_s3(uri):
+        return filesystem(uri, s3)
+    return None, os.path.abspath(uri)
+
+
 def with_retries(what: str, action: Callable[[], T], attempts: int = 5, base_delay: float = 0.2) -> T:
     """Run `action`, retrying transient errors with exponential backoff.
 

@@ -26,6 +26,7 @@ from videobert.tables import Layout
 
 if TYPE_CHECKING:
     from videobert.codebook import HierarchicalCodebook
+    from videobert.results import TokenizeResult
 
 log = logging.getLogger(__name__)
 
@@ -260,3 +261,18 @@ def __getattr__(name: str) -> Any:
 
         return VideoBertPyfunc
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def open_pretrain_run(
+    config: ExperimentConfig, tokens: TokenizeResult, run_name: str, init_model_uri: str | None
+) -> str:
+    """The MLflow run of this pretraining (continued on a rerun with the same name), with its
+    lineage: the token shards as its input dataset, their versions as tags, and `init_from`."""
+    import mlflow
+
+    run_id, resumed = start_or_resume_run(config, run_name)
+    log_lineage(run_id, tokens.tokens_uri, tokens.files, tokens.codebook.version, tokens.tokenizer.version)
+    if init_model_uri:
+        mlflow.MlflowClient().set_tag(run_id, "init_from", init_model_uri)
+    log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", mlflow.get_tracking_uri())
+    return run_id
