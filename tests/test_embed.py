@@ -33,7 +33,7 @@ from videobert.features import ClipEncoder, encoder_id
 from videobert.model import CLS, SEP, VIDEO_TYPE, JointVocab, VideoBert, build_model
 from videobert.registry import log_and_register_model, resolve_model_version
 from videobert.tracking import start_or_resume_run, use_tracking_uri
-from videobert.videos import rows_by_video, videos_to_do
+from videobert.videos import list_videos, rows_by_video, videos_to_do
 
 MAX_SEQ_LEN = 5  # 3 video tokens a pass: the 6-clip videos run as 2 chunks
 
@@ -149,7 +149,7 @@ def test_embed_champion_then_incremental_reruns(ray_cluster, world: World) -> No
     # A new video that extract already turned into features: its features are reused, not decoded.
     # They are video1's on purpose, so only reuse can give it video1's words and embedding.
     videos.make_object_video(world.source / "new.mp4", seed=7, num_frames=24, height=64, width=80)
-    (new,) = [v for v in embed.list_videos(world.config) if v["source_uri"].endswith("new.mp4")]
+    (new,) = [v for v in list_videos(world.config) if v["source_uri"].endswith("new.mp4")]
     planted = world.features["video1.mp4"]
     storage.write_parquet(
         pa.table(
