@@ -4,7 +4,7 @@ Batch inference on Ray Data, in two passes (the model needs all of a video's cli
 while one video's clip rows are spread over the actors, so the driver regroups them between):
 
     embed.model_uri (e.g. @champion) resolved once to models:/<name>/<version>
-    pass 1: ray_stages.decoded_clips with ClipWords actors     decode + S3D + the model's codebook:
+    pass 1: ray_stages.decoded_videos with ClipWords actors     decode + S3D + the model's codebook:
                                                                a visual word per clip (4 bytes, not 4 KiB)
     pass 2: from_items(videos: words, or extract's features)
               .map_batches(VideoEmbedder)                      the model, loaded once per actor
@@ -27,11 +27,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from pipelines.common import init_ray, stage_main
-from pipelines.ray_stages import actor_pool, decoded_clips, map_stage
+from pipelines.ray_stages import actor_pool, decoded_videos, map_stage
 from videobert import storage, tables
 from videobert.config import ExperimentConfig
 from videobert.results import EmbedResult, stage_run_id
-from videobert.videos import ClipWords, gather_videos
+from videobert.videos import ClipWords
 
 log = logging.getLogger("videobert.embed")
 
@@ -40,9 +40,8 @@ def words_of_decoded_videos(
     config: ExperimentConfig, videos: list[dict[str, Any]], codebook_uri: str, committer: Any
 ) -> list[dict[str, Any]]:
     """Pass 1: decode + features + visual words; returns pass-2 items, commits decode errors."""
-    dataset = decoded_clips(config, videos, ClipWords, codebook_uri=codebook_uri)
     items: list[dict[str, Any]] = []
-    for video in gather_videos(dataset.iter_batches(batch_size=None, batch_format="numpy"), "embed"):
+    for video in decoded_videos(config, videos, ClipWords, codebook_uri=codebook_uri):
         if video.error:
             committer.commit_video(video.video_id, video.error)
         else:

@@ -1,6 +1,6 @@
 """`videobert extract`: videos under `source` -> clip features (features/) + the manifest (videos/).
 
-The Ray plan is `ray_stages.decoded_clips` with `videobert.videos.ClipFeatures` actors; the
+The Ray plan is `ray_stages.decoded_videos` with `videobert.videos.ClipFeatures` actors; the
 driver regroups each video's rows and commits it: features/<video_id>.parquet first (atomic,
 deterministic name), its manifest row after it (buffered, every `extract.manifest_flush_every`
 videos). A kill at any point leaves only committed work visible, and a rerun redoes exactly
@@ -14,11 +14,11 @@ import sys
 import time
 
 from pipelines.common import init_ray, stage_main
-from pipelines.ray_stages import decoded_clips
+from pipelines.ray_stages import decoded_videos
 from videobert import storage, tables
 from videobert.config import ExperimentConfig
 from videobert.results import ExtractResult, stage_run_id
-from videobert.videos import ClipFeatures, ExtractCommitter, gather_videos, plan_extract
+from videobert.videos import ClipFeatures, ExtractCommitter, plan_extract
 
 log = logging.getLogger("videobert.extract")
 
@@ -50,8 +50,7 @@ def run(config: ExperimentConfig) -> ExtractResult:
     if plan.todo:
         init_ray()
         log.info("extracting %d videos (%d up to date)", len(plan.todo), result.skipped)
-        dataset = decoded_clips(config, plan.todo, ClipFeatures)
-        for video in gather_videos(dataset.iter_batches(batch_size=None, batch_format="numpy"), "extract"):
+        for video in decoded_videos(config, plan.todo, ClipFeatures):
             committer.commit_video(video)
     committer.flush()
     tables.compact_manifest(config.output, config.s3)

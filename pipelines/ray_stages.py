@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from videobert.config import ExperimentConfig
+    from videobert.videos import DecodedVideo
 
 
 @dataclass(frozen=True)
@@ -101,9 +102,17 @@ def map_stage(
 
 
 def flat_map_tasks(
-    dataset: Any, fn: Callable[..., Any], max_tasks: int | None, cpus_per_task: float = 1.0, **kwargs: Any
+    dataset: Any,
+    fn: Callable[..., Any],
+    max_tasks: int | None,
+    cpus_per_task: float = 1.0,
+    memory_per_task: int | None = None,
+    max_retries: int = -1,
+    **kwargs: Any,
 ) -> Any:
-    """`dataset.flat_map(fn)` as Ray tasks, at most `max_tasks` at once (None: as the cluster allows)."""
+    """`dataset.flat_map(fn)` as Ray tasks, at most `max_tasks` at once (None: as the cluster
+    allows), each declaring `memory_per_task` bytes and retried at most `max_retries` times
+    when its worker dies (-1: Ray Data's default, forever)."""
     import ray.data
 
     return dataset.flat_map(
@@ -111,6 +120,8 @@ def flat_map_tasks(
         fn_kwargs=kwargs,
         compute=ray.data.TaskPoolStrategy(size=max_tasks),
         num_cpus=cpus_per_task,
+        memory=memory_per_task,
+        ray_remote_args_fn=lambda: {"max_retries": max_retries},
     )
 
 
@@ -125,6 +136,19 @@ def map_tasks(
     )
 
 
+def decoded_videos(
+    config: ExperimentConfig, videos: list[dict[str, Any]], stage: type, **stage_kwargs: Any
+) -> Iterator[DecodedVideo]:
+    """`videos` through `decoded_clips`, each regrouped on the driver as soon as all its rows
+    arrived; one whose decode kept dying comes out as an error (see `decoded_clips`)."""
+    from videobert.videos import gather_videos
+
+    dataset = decoded_clips(config, videos, stage, **stage_kwargs)
+    tries = config.extract.decode_max_retries + 1
+    batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
+    yield from gather_videos(batches, "decode", [v["video_id"] for v in videos], tries)
+
+
 def decoded_clips(
     config: ExperimentConfig, videos: list[dict[str, Any]], stage: type, **stage_kwargs: Any
 ) -> Any:
@@ -135,7 +159,11 @@ def decoded_clips(
           .map_batches(stage)         `stage` actors (ClipFeatures, ClipWords) over the clip rows
 
     On CPU-only nodes the actors leave `extract.cpus_per_decode_task` CPUs for each of the
-    `extract.decode_concurrency` (default 1) decode tasks that feed them.
+    `extract.decode_concurrency` (default 1) decode tasks that feed them. A decode task
+    declares `extract.decode_memory_mb` and is retried `extract.decode_max_retries` times when
+    its worker dies (killed for memory, a lost node); then its video's rows are missing, the
+    dataset goes on (one errored block per video is allowed), and `gather_videos` records the
+    video as an error.
     """
     import ray.data
 
@@ -150,10 +178,12 @@ def decoded_clips(
         decode_video,
         extract.decode_concurrency,
         extract.cpus_per_decode_task,
+        extract.decode_memory_mb * 2**20,
+        extract.decode_max_retries,
         decode=config.decode,
         s3=config.s3,
     )
-    return map_stage(
+    dataset = map_stage(
         dataset,
         stage,
         pool,
@@ -163,3 +193,5 @@ def decoded_clips(
         s3=config.s3,
         **stage_kwargs,
     )
+    dataset.context.max_errored_blocks = len(videos)  # a video whose decode keeps dying is a row
+    return dataset

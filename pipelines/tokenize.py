@@ -51,10 +51,10 @@ def corpus_sentences(config: ExperimentConfig) -> list[str]:
     )
     if not uris:
         return []
-    s3, gap = config.s3, config.tokenize.sentence_gap_s
+    s3, gap, limit = config.s3, config.tokenize.sentence_gap_s, config.tokenize.max_transcript_bytes
 
     def parse(batch: dict[str, list[str]]) -> dict[str, list[str]]:
-        return {"text": sentences_of_transcripts([str(u) for u in batch["transcript_uri"]], s3, gap)}
+        return {"text": sentences_of_transcripts([str(u) for u in batch["transcript_uri"]], s3, gap, limit)}
 
     dataset = map_tasks(
         ray.data.from_items([{"transcript_uri": u} for u in uris]), parse, TRANSCRIPTS_PER_TASK
@@ -92,6 +92,7 @@ def run(config: ExperimentConfig, codebook: CodebookResult | None = None) -> Tok
             tokenizer_uri=tokenizer.uri,
             segment_tokens=config.tokenize.segment_tokens,
             sentence_gap_s=config.tokenize.sentence_gap_s,
+            max_transcript_bytes=config.tokenize.max_transcript_bytes,
             s3=config.s3,
         ).take_all()
         record_tokenized(config, plan, statuses)

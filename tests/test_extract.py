@@ -263,3 +263,41 @@ def test_unreachable_s3_exits_3(tmp_path: Path, capsys: pytest.CaptureFixture) -
     dead = ["--set", "s3.endpoint_url=http://127.0.0.1:9", "--set", "s3.max_attempts=1"]
     assert extract.main(["--set", "source=s3://bucket/videos", *dead]) == 3
     assert "cannot reach s3://bucket/videos" in capsys.readouterr().err
+
+
+def test_a_decode_that_keeps_dying_becomes_an_error_row_not_a_hung_run(ray_cluster, tmp_path: Path) -> None:
+    """Every decode worker is SIGKILLed as soon as it appears (as the kernel's OOM killer or a
+    lost node would): each task is retried `extract.decode_max_retries` times, then its video
+    is an error row that says so, and the run ends. A rerun without the killer extracts them."""
+    import threading
+
+    source = make_corpus(tmp_path / "src", good=2, bad=False)
+    config = config_for(tmp_path, str(source), str(tmp_path / "out"), extract={"decode_max_retries": 1})
+    stop, killed = threading.Event(), []
+
+    def kill_every_decode_worker() -> None:
+        while not stop.is_set():
+            for entry in Path("/proc").iterdir():
+                try:
+                    if entry.name.isdigit() and b"decode_video" in (entry / "cmdline").read_bytes():
+                        os.kill(int(entry.name), signal.SIGKILL)
+                        killed.append(entry.name)
+                except OSError:
+                    continue
+            time.sleep(0.01)
+
+    killer = threading.Thread(target=kill_every_decode_worker, daemon=True)
+    killer.start()
+    try:
+        summary = extract.run(config)
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    assert len(killed) >= 2, killed
+    assert (summary.ok, summary.error) == (0, 2)
+    for reason in summary.errors.values():
+        assert reason == "decode: decoder killed (out of memory or a lost node) after 2 tries"
+    rows, _ = snapshot(config.output)
+    assert [r["status"] for r in rows] == ["error", "error"]
+    again = extract.run(config)
+    assert (again.ok, again.error) == (2, 0)

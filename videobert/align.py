@@ -20,6 +20,7 @@ Rules (deterministic, the same for every run):
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 from videobert.transcripts import Sentence
@@ -61,10 +62,27 @@ def align_segments(
     # (start_s, end_s, tie-break, text, tokens); tie-break keeps sentences before video-only.
     drafts: list[tuple[float, float, int, str, list[int]]] = []
     covered = [False] * len(ordered)
+    starts, ends = [c[0] for c in ordered], [c[1] for c in ordered]
+    # Clips in index order follow each other in time, so a sentence's clips are one run found
+    # by bisection: linear in the number of sentences, not sentences x clips.
+    in_time_order = starts == sorted(starts) and ends == sorted(ends)
     for number, sentence in enumerate(sentences or []):
-        hit = [
-            i for i, (cs, ce, _) in enumerate(ordered) if _overlaps(cs, ce, sentence.start_s, sentence.end_s)
-        ]
+        if in_time_order:
+            first = bisect.bisect_right(ends, sentence.start_s)
+            last = (
+                bisect.bisect_right(starts, sentence.start_s)
+                if sentence.start_s == sentence.end_s
+                else (bisect.bisect_left(starts, sentence.end_s))
+            )
+            hit = [
+                i for i in range(first, last) if _overlaps(*ordered[i][:2], sentence.start_s, sentence.end_s)
+            ]
+        else:
+            hit = [
+                i
+                for i, (cs, ce, _) in enumerate(ordered)
+                if _overlaps(cs, ce, sentence.start_s, sentence.end_s)
+            ]
         if not hit:
             continue
         for i in hit:

@@ -95,7 +95,17 @@ class DecodeConfig:
     transcript_extensions: list[str] = field(default_factory=lambda: ["vtt", "srt", "json"])
     """Sidecar transcript extensions, looked up by the video's stem, in this order."""
     max_clips: int | None = None
-    """Stop each video after this many clips (None: the whole video)."""
+    """Stop each video after this many clips and keep it ok (None: the whole video); see clip_limit."""
+    clip_limit: int = 20_000
+    """Hard bound on clips per video: a video that would give more is an error (max_clips stops early)."""
+    max_pixels: int = 4096 * 2160
+    """Largest frame (width x height) a video may have, in its header or decoded (default DCI 4K)."""
+    max_aspect_ratio: float = 8.0
+    """Largest long-side / short-side ratio of a frame (21:9 is 2.33, 32:9 is 3.56, 9:16 is 1.78)."""
+    max_duration_s: float = 4 * 3600.0
+    """Longest video in seconds, by its header or by the timestamps of its frames."""
+    max_gap_s: float = 10.0
+    """Longest time between frames (or shown by one frame); a longer gap is an error, never filled."""
 
     def __post_init__(self) -> None:
         if self.fps <= 0:
@@ -104,6 +114,16 @@ class DecodeConfig:
             raise ConfigError("decode.clip_frames must be >= 1")
         if self.size < 32:
             raise ConfigError("decode.size must be >= 32 (S3D downsamples 32x)")
+        if self.max_clips is not None and self.max_clips < 1:
+            raise ConfigError("decode.max_clips must be >= 1 or null")
+        if self.clip_limit < 1:
+            raise ConfigError("decode.clip_limit must be >= 1")
+        if self.max_pixels < 1:
+            raise ConfigError("decode.max_pixels must be >= 1")
+        if not self.max_aspect_ratio >= 1:
+            raise ConfigError("decode.max_aspect_ratio must be >= 1")
+        if not self.max_duration_s > 0 or not self.max_gap_s > 0:
+            raise ConfigError("decode.max_duration_s and decode.max_gap_s must be > 0")
 
     @property
     def clip_seconds(self) -> float:
@@ -146,6 +166,10 @@ class ExtractConfig:
     feature actors leave room for one)."""
     cpus_per_decode_task: float = 0.5
     """CPUs a decode task reserves (decoding is light next to S3D on the CPU)."""
+    decode_memory_mb: int = 2048
+    """Memory a decode task declares to Ray's scheduler (the decode's bounds keep it under this)."""
+    decode_max_retries: int = 2
+    """Retries of a decode task whose worker died; then the video is an error row, not a hung run."""
     feature_actors: int | None = None
     """Feature actors (None: one per GPU, else one per node; see pipelines/ray_stages.py)."""
     cpus_per_feature_actor: float | None = None
@@ -157,6 +181,8 @@ class ExtractConfig:
     def __post_init__(self) -> None:
         if self.cpus_per_decode_task <= 0:
             raise ConfigError("extract.cpus_per_decode_task must be > 0")
+        if self.decode_memory_mb < 64 or self.decode_max_retries < 0:
+            raise ConfigError("extract.decode_memory_mb must be >= 64 and extract.decode_max_retries >= 0")
         for name in ("decode_concurrency", "feature_actors", "cpus_per_feature_actor"):
             value = getattr(self, name)
             if value is not None and value <= 0:
@@ -228,6 +254,12 @@ class TokenizeConfig:
     """Video tokens per segment for videos without a transcript."""
     sentence_gap_s: float = 2.0
     """A pause between cues longer than this ends a sentence even without punctuation."""
+    max_transcript_bytes: int = 8 * 1024 * 1024
+    """A larger transcript file is not read: a transcript error, and video-only segments."""
+
+    def __post_init__(self) -> None:
+        if self.max_transcript_bytes < 1:
+            raise ConfigError(f"tokenize.max_transcript_bytes must be >= 1, got {self.max_transcript_bytes}")
 
 
 @dataclass

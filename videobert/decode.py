@@ -7,8 +7,15 @@ more memory than a two-minute one.
 Resampling is by timestamps, so variable frame rate is handled: output frame i stands for
 time t_i = i / fps after the first frame, and shows the latest source frame whose
 presentation time is <= t_i. Clips are non-overlapping runs of `clip_frames` output frames; a
-trailing partial clip is dropped. Each output frame is resized (shorter side -> `size`),
-centre-cropped square and turned upright by the stream's display-matrix rotation.
+trailing partial clip is dropped. Each output frame is centre-cropped square, the square
+resized to `size` and turned upright by the stream's display-matrix rotation.
+
+The cost of one video is bounded by `DecodeConfig`: frame size (`max_pixels`), shape
+(`max_aspect_ratio`), length (`max_duration_s`), clips (`clip_limit`) and timestamp gaps
+(`max_gap_s`). Each is checked against the container header before anything is decoded and
+again against what is decoded, since a header can lie; the decoder itself is told `max_pixels`,
+so it refuses to allocate a larger frame. A video that breaks a bound is a `DecodeError` whose
+reason names the setting to raise.
 
 Bad input raises `DecodeError` with a reason a person can act on.
 """
@@ -24,7 +31,9 @@ from fractions import Fraction
 from typing import Any
 
 import av
+import av.filter
 import numpy as np
+from av.video.reformatter import VideoReformatter
 
 from videobert import storage
 from videobert.config import DecodeConfig, S3Config
@@ -61,8 +70,13 @@ class Clip:
     frames: np.ndarray
 
 
-def _open(uri: str, s3: S3Config | None) -> tuple[Any, Any]:
-    """Open a container and its first video stream; (container, stream) or DecodeError."""
+def _open(uri: str, s3: S3Config | None, decode: DecodeConfig) -> tuple[Any, Any]:
+    """Open a container and its first video stream; (container, stream) or DecodeError.
+
+    The decoder gets `decode.max_pixels` as its own limit, both while `av.open` probes the
+    stream and for the decode proper: it then refuses (an error, not an allocation) a frame
+    larger than that, whatever the header said.
+    """
     if storage.is_s3(uri):
         source: Any = storage.open_input(uri, s3)
         size = source.size()
@@ -72,8 +86,9 @@ def _open(uri: str, s3: S3Config | None) -> tuple[Any, Any]:
         source, size = uri, os.path.getsize(uri)
     if size == 0:
         raise DecodeError("empty file (0 bytes)")
+    limit = {"max_pixels": str(decode.max_pixels)}
     try:
-        container = av.open(source, buffer_size=READ_BUFFER)
+        container = av.open(source, buffer_size=READ_BUFFER, options=limit)
     except av.FFmpegError as error:
         raise DecodeError(
             f"not a readable video: the container cannot be opened ({_ffmpeg_message(error)}); "
@@ -83,7 +98,12 @@ def _open(uri: str, s3: S3Config | None) -> tuple[Any, Any]:
         kinds = ", ".join(stream.type for stream in container.streams) or "none"
         container.close()
         raise DecodeError(f"no video stream (streams found: {kinds})")
-    return container, container.streams.video[0]
+    stream = container.streams.video[0]
+    if stream.codec_context is None:
+        container.close()
+        raise DecodeError("no decoder for the video stream's codec in this FFmpeg build")
+    stream.codec_context.options = {**stream.codec_context.options, **limit}
+    return container, stream
 
 
 def _ffmpeg_message(error: Exception) -> str:
@@ -101,18 +121,150 @@ def _rotation(frame: av.VideoFrame, stream: Any) -> int:
     return int(round(degrees / 90.0)) * 90 % 360
 
 
-def _square(frame: av.VideoFrame, size: int, rotation: int) -> np.ndarray:
-    """Resize so the shorter side is `size`, centre-crop square, turn upright: (size, size, 3)."""
-    width, height = frame.width, frame.height
-    scale = size / min(width, height)
-    new_width, new_height = max(size, round(width * scale)), max(size, round(height * scale))
-    image = frame.to_ndarray(width=new_width, height=new_height, format="rgb24")
-    top, left = (new_height - size) // 2, (new_width - size) // 2
-    image = image[top : top + size, left : left + size]
-    if rotation:
-        # np.rot90 turns counter-clockwise, like the display matrix.
-        image = np.rot90(image, k=rotation // 90)
-    return np.ascontiguousarray(image)
+class _Square:
+    """Decoded frames -> (size, size, 3) uint8 RGB: centre-crop square, resize, turn upright.
+
+    Crop first, then scale. The crop is libavfilter's `crop`, which only moves pointers into the
+    decoded frame, and one swscale pass turns that square into size x size RGB, so nothing larger
+    than the decoded frame is ever made, whatever its shape (scaling the whole frame first turned
+    a 2x8192 frame into 224x917504 pixels). The result is a copy that keeps no frame alive.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._crop_for: tuple[int, int, str] | None = None  # (width, height, pixel format)
+        self._crop: Any = None  # the filter graph that crops frames of that kind
+        self._scaler = VideoReformatter()  # keeps its swscale context from frame to frame
+
+    def __call__(self, frame: av.VideoFrame, rotation: int) -> np.ndarray:
+        square = self._centre_square(frame)
+        # Bilinear, one thread: the defaults of `VideoFrame.to_ndarray`, less the thread pool.
+        scaled = self._scaler.reformat(square, width=self.size, height=self.size, format="rgb24", threads=1)
+        image = scaled.to_ndarray()
+        if rotation:
+            # np.rot90 turns counter-clockwise, like the display matrix.
+            image = np.rot90(image, k=rotation // 90)
+        return np.array(image, order="C")  # a copy: `image` may be a view into a decoder's frame
+
+    def _centre_square(self, frame: av.VideoFrame) -> av.VideoFrame:
+        width, height = frame.width, frame.height
+        if width == height:
+            return frame
+        kind = (width, height, frame.format.name)
+        if kind != self._crop_for:
+            self._crop, self._crop_for = _crop_graph(frame), kind
+        self._crop.vpush(frame)
+        return self._crop.vpull()
+
+
+def _crop_graph(frame: av.VideoFrame) -> Any:
+    """A filter graph that cuts the centre square out of frames like `frame` (no copy)."""
+    width, height, pixels = frame.width, frame.height, frame.format
+    side = min(width, height)
+    # Offsets on the chroma grid of subsampled formats (2 px for 4:2:0), so the chroma planes stay
+    # aligned with luma; the square is then up to one pixel off centre.
+    step_x = max(1, 256 // max(1, pixels.chroma_width(256)))
+    step_y = max(1, 256 // max(1, pixels.chroma_height(256)))
+    left = (width - side) // 2 // step_x * step_x
+    top = (height - side) // 2 // step_y * step_y
+    graph = av.filter.Graph()
+    source = graph.add_buffer(width=width, height=height, format=pixels, time_base=Fraction(1, 1000))
+    crop = graph.add("crop", f"w={side}:h={side}:x={left}:y={top}:exact=1")
+    sink = graph.add("buffersink")
+    source.link_to(crop)
+    crop.link_to(sink)
+    graph.configure()
+    return graph
+
+
+# ---- bounds on what one video may cost -------------------------------------------------------
+
+
+def _check_size(width: int, height: int, decode: DecodeConfig, where: str) -> None:
+    """DecodeError when a width x height frame breaks decode.max_pixels or decode.max_aspect_ratio."""
+    if width <= 0 or height <= 0:
+        return  # not known
+    if width * height > decode.max_pixels:
+        raise DecodeError(
+            f"frame {width}x{height} {where} exceeds decode.max_pixels {decode.max_pixels} "
+            f"({width * height} pixels); raise decode.max_pixels to decode it"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > decode.max_aspect_ratio:
+        raise DecodeError(
+            f"frame {width}x{height} {where} exceeds decode.max_aspect_ratio {decode.max_aspect_ratio:g} "
+            f"({ratio:.1f}:1); raise decode.max_aspect_ratio to decode it"
+        )
+
+
+def _check_header(container: Any, stream: Any, decode: DecodeConfig) -> float | None:
+    """Check the bounds against what the container states, before decoding; its duration or None."""
+    context = stream.codec_context
+    _check_size(context.width, context.height, decode, "in the header")
+    stated = _header_duration(container, stream)
+    if stated is None:
+        return None
+    if stated > decode.max_duration_s:
+        raise DecodeError(
+            f"duration {stated:.2f} s in the header exceeds decode.max_duration_s "
+            f"{decode.max_duration_s:g}; raise decode.max_duration_s to decode it"
+        )
+    clips = math.floor(stated * decode.fps / decode.clip_frames)
+    if clips > decode.clip_limit and (decode.max_clips is None or decode.max_clips > decode.clip_limit):
+        raise DecodeError(
+            f"{clips} clips by the header's duration ({stated:.2f} s) exceed decode.clip_limit "
+            f"{decode.clip_limit}; raise decode.clip_limit, or set decode.max_clips to keep the first clips"
+        )
+    return stated
+
+
+def _slack(stated: float) -> float:
+    """How far decoded frames may end before, or run past, the duration the header states."""
+    return max(1.0, 0.05 * stated)
+
+
+def _check_time(
+    time: Fraction, previous_time: Fraction | None, stated: float | None, decode: DecodeConfig
+) -> None:
+    """DecodeError when a frame at `time` (after one at `previous_time`, if any) breaks a time bound.
+
+    A gap longer than max_gap_s is an error rather than the end of the video: ending there
+    would record a video `ok` that lost everything after the gap, and filling it (as before)
+    let one bogus timestamp turn a 1 KB file into hundreds of clips of one repeated frame.
+    """
+    gap = time - (previous_time or 0)
+    if gap > decode.max_gap_s:
+        after = "the start" if previous_time is None else f"the frame at {float(previous_time):.2f} s"
+        raise DecodeError(
+            f"gap of {float(gap):.2f} s between {after} and the frame at {float(time):.2f} s exceeds "
+            f"decode.max_gap_s {decode.max_gap_s:g}; raise decode.max_gap_s to fill it with the last frame"
+        )
+    if time > decode.max_duration_s:
+        raise DecodeError(
+            f"frame at {float(time):.2f} s exceeds decode.max_duration_s {decode.max_duration_s:g}; "
+            "raise decode.max_duration_s to decode it"
+        )
+    if stated is not None and time > stated + _slack(stated):
+        raise DecodeError(
+            f"bogus timestamps: a frame at {float(time):.2f} s but the container says {stated:.2f} s"
+        )
+
+
+def _decode_failure(
+    error: Exception, stream: Any, decode: DecodeConfig, what: str, decoded: int
+) -> DecodeError:
+    """The DecodeError for an FFmpeg error while decoding: a broken bound when that is the cause."""
+    width, height = stream.codec_context.width, stream.codec_context.height
+    try:
+        # The decoder refuses a frame over max_pixels; it has set its size by then.
+        _check_size(width, height, decode, "in the bitstream")
+    except DecodeError as bound:
+        return bound
+    cause = "the file is corrupted or cut off"
+    if decoded == 0 and (width <= 0 or height <= 0):
+        # Probing drops a frame size over max_pixels, so a refused header frame ends up here.
+        cause += f", or its frames exceed decode.max_pixels {decode.max_pixels}"
+    return DecodeError(f"{what}: {_ffmpeg_message(error)} ({cause})")
 
 
 def _header_duration(container: Any, stream: Any) -> float | None:
@@ -156,17 +308,22 @@ def iter_clips(
     """Decode `uri` as a stream of clips (see module doc). Lazily: nothing is decoded up front.
 
     When exhausted, the generator returns the video's `VideoInfo` (StopIteration.value).
-    Raises `DecodeError` for every kind of bad input, also midway through the video.
+    Raises `DecodeError` for every kind of bad input, also midway through the video, and for a
+    video that breaks one of the bounds in `decode` (before decoding when its header does).
     """
     step = Fraction(decode.fps).limit_denominator(1_000_000) ** -1  # seconds between output frames
-    container, stream = _open(uri, s3)
+    container, stream = _open(uri, s3, decode)
     with container:
+        stated = _check_header(container, stream, decode)
+        header_size = f"{stream.codec_context.width}x{stream.codec_context.height}"
+        square = _Square(decode.size)
         origin: Fraction | None = None  # time of the first frame; output times count from here
         previous: av.VideoFrame | None = None  # latest decoded frame, shown until the next one
         previous_time = Fraction(0)
         previous_image: np.ndarray | None = None  # `previous` converted, when already used
         rotation = 0
         width = height = 0
+        checked = (0, 0)  # the last frame size checked against the bounds
         frames: list[np.ndarray] = []
         clip_index = 0
         next_output = 0  # index of the next output frame to fill
@@ -177,10 +334,16 @@ def iter_clips(
             nonlocal next_output, previous_image, clip_index, frames
             while next_output * step < until:
                 if previous_image is None:
-                    previous_image = _square(previous, decode.size, rotation)
+                    previous_image = square(previous, rotation)
                 frames.append(previous_image)
                 next_output += 1
                 if len(frames) == decode.clip_frames:
+                    if clip_index >= decode.clip_limit:
+                        raise DecodeError(
+                            f"more than decode.clip_limit {decode.clip_limit} clips "
+                            f"({float(next_output * step):.2f} s decoded); raise decode.clip_limit, "
+                            "or set decode.max_clips to keep the first clips"
+                        )
                     start = clip_index * decode.clip_frames * step
                     yield Clip(
                         clip_index,
@@ -198,6 +361,10 @@ def iter_clips(
 
         try:
             for frame in container.decode(stream):
+                if (frame.width, frame.height) != checked:
+                    # What is decoded can differ from the header (or change midway): check it too.
+                    _check_size(frame.width, frame.height, decode, f"as decoded (header: {header_size})")
+                    checked = (frame.width, frame.height)
                 time = _frame_time(frame, stream)
                 if time is None:  # no timestamp: assume it follows the previous frame
                     time = previous_time + _frame_duration(previous, stream) if previous else Fraction(0)
@@ -214,6 +381,7 @@ def iter_clips(
                 time -= origin
                 if previous is not None and time <= previous_time:
                     continue  # out-of-order or duplicate timestamp: keep the earlier frame
+                _check_time(time, previous_time if previous is not None else None, stated, decode)
                 decoded += 1
                 if previous is not None:
                     yield from fill_until(time)
@@ -222,19 +390,23 @@ def iter_clips(
                 previous, previous_time, previous_image = frame, time, None
         except av.FFmpegError as error:
             at = float(previous_time) if previous is not None else 0.0
-            raise DecodeError(
-                f"decode failed at {at:.2f} s after {decoded} frames: {_ffmpeg_message(error)} "
-                "(the file is corrupted or cut off)"
+            raise _decode_failure(
+                error, stream, decode, f"decode failed at {at:.2f} s after {decoded} frames", decoded
             ) from error
 
         if previous is None:
             raise DecodeError("no decodable video frames")
-        end = previous_time + _frame_duration(previous, stream)
-        stated = _header_duration(container, stream)
+        shown = _frame_duration(previous, stream)
+        end = previous_time + shown
         if not done():
+            if shown > decode.max_gap_s:
+                raise DecodeError(
+                    f"the last frame (at {float(previous_time):.2f} s) lasts {float(shown):.2f} s, more than "
+                    f"decode.max_gap_s {decode.max_gap_s:g}; raise decode.max_gap_s to fill it with that frame"
+                )
             yield from fill_until(end)
             # A cut-off file often decodes cleanly up to the cut: compare with what the header says.
-            if stated is not None and float(end) < stated - max(1.0, 0.05 * stated):
+            if stated is not None and float(end) < stated - _slack(stated):
                 raise DecodeError(
                     f"truncated: frames end at {float(end):.2f} s but the container says {stated:.2f} s"
                 )
@@ -242,16 +414,22 @@ def iter_clips(
         return VideoInfo(duration_s=duration, width=width, height=height, fps=_stream_fps(stream))
 
 
-def probe(uri: str, s3: S3Config | None = None) -> VideoInfo:
-    """Duration, displayed size and frame rate, from the header and the first frame."""
-    container, stream = _open(uri, s3)
+def probe(uri: str, s3: S3Config | None = None, decode: DecodeConfig | None = None) -> VideoInfo:
+    """Duration, displayed size and frame rate, from the header and the first frame.
+
+    `decode` gives the bounds (default: `DecodeConfig()`'s) the header and that frame must keep.
+    """
+    decode = decode or DecodeConfig()
+    container, stream = _open(uri, s3, decode)
     with container:
+        _check_header(container, stream, decode)
         try:
             frame = next(container.decode(stream), None)
         except av.FFmpegError as error:
-            raise DecodeError(f"cannot decode the first frame: {_ffmpeg_message(error)}") from error
+            raise _decode_failure(error, stream, decode, "cannot decode the first frame", 0) from error
         if frame is None:
             raise DecodeError("no decodable video frames")
+        _check_size(frame.width, frame.height, decode, "as decoded")
         rotation = _rotation(frame, stream)
         width, height = (frame.height, frame.width) if rotation in (90, 270) else (frame.width, frame.height)
         duration = _header_duration(container, stream)
@@ -262,13 +440,19 @@ def probe(uri: str, s3: S3Config | None = None) -> VideoInfo:
         )
 
 
-def read_frame(uri: str, time_s: float, size: int, s3: S3Config | None = None) -> np.ndarray:
+def read_frame(
+    uri: str, time_s: float, size: int, s3: S3Config | None = None, decode: DecodeConfig | None = None
+) -> np.ndarray:
     """The frame shown at `time_s` (seconds after the first frame) as (size, size, 3) uint8.
 
-    Same geometry as the clips: shorter side resized, centre crop, upright.
+    Same geometry as the clips: centre square, resized, upright. `decode` gives the bounds on
+    frame size (default: `DecodeConfig()`'s); its own `size` is not used.
     """
-    container, stream = _open(uri, s3)
+    decode = decode or DecodeConfig()
+    container, stream = _open(uri, s3, decode)
     with container:
+        context = stream.codec_context
+        _check_size(context.width, context.height, decode, "in the header")
         start = stream.start_time or 0
         time_base = stream.time_base
         target = Fraction(time_s).limit_denominator(1_000_000)
@@ -278,6 +462,7 @@ def read_frame(uri: str, time_s: float, size: int, s3: S3Config | None = None) -
                 container.seek(start + math.floor(target / time_base), stream=stream, backward=True)
             chosen = None
             for frame in container.decode(stream):
+                _check_size(frame.width, frame.height, decode, "as decoded")
                 time = _frame_time(frame, stream)
                 if time is not None and time - start * time_base > target:
                     break
@@ -290,7 +475,7 @@ def read_frame(uri: str, time_s: float, size: int, s3: S3Config | None = None) -
                 container.seek(start, stream=stream, backward=True)
                 frame = latest_at_or_before(seek=False)
         except av.FFmpegError as error:
-            raise DecodeError(f"cannot decode at {time_s:.2f} s: {_ffmpeg_message(error)}") from error
+            raise _decode_failure(error, stream, decode, f"cannot decode at {time_s:.2f} s", 0) from error
         if frame is None:
             raise DecodeError("no decodable video frames")
-        return _square(frame, size, _rotation(frame, stream))
+        return _Square(size)(frame, _rotation(frame, stream))

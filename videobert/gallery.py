@@ -137,7 +137,7 @@ def write_gallery(
         codebook,
         features,
         refs,
-        lambda uri, time_s, size: read_frame(uri, time_s, size, config.s3),
+        lambda uri, time_s, size: read_frame(uri, time_s, size, config.s3, decode=config.decode),
         words=config.codebook.gallery_words,
     )
     storage.write_bytes(storage.join(directory, GALLERY_FILE), png, config.s3)

@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 from videobert import storage
 from videobert.align import Segment, align_segments
 from videobert.codebook import HierarchicalCodebook, default_device
-from videobert.config import ExperimentConfig, S3Config
+from videobert.config import ExperimentConfig, S3Config, TokenizeConfig
 from videobert.results import CodebookResult, TokenizeResult, TokenizerResult, find_tokenizer
 from videobert.tables import (
     FEATURE_DIM,
@@ -43,14 +43,57 @@ log = logging.getLogger(__name__)
 STATUS_COLUMNS = ("video_id", "segments", "transcript_error", "error")
 
 
-def load_sentences(transcript_uri: str, s3: S3Config | None = None, max_gap_s: float = 2.0) -> list[Sentence]:
-    """Sentences of a sidecar transcript; raises TranscriptError when it cannot be used."""
-    try:
-        data = storage.read_bytes(transcript_uri, s3)
-    except (OSError, storage.StorageError) as error:
-        raise TranscriptError(f"{storage.stem(transcript_uri)}: cannot read: {error}") from error
+DEFAULT_MAX_TRANSCRIPT_BYTES = TokenizeConfig.max_transcript_bytes
+
+
+def _read_at_most(uri: str, limit: int, s3: S3Config | None) -> bytes:
+    """The object's first `limit` bytes at most (a larger object is never read whole)."""
+
+    def read() -> bytes:
+        fs, path = storage.filesystem(uri, s3)
+        with fs.open_input_stream(path) as stream:
+            return stream.read(limit)
+
+    return storage.with_retries(f"read {uri}", read)
+
+
+def load_sentences(
+    transcript_uri: str,
+    s3: S3Config | None = None,
+    max_gap_s: float = 2.0,
+    max_bytes: int = DEFAULT_MAX_TRANSCRIPT_BYTES,
+) -> list[Sentence]:
+    """Sentences of a sidecar transcript of at most `max_bytes` bytes.
+
+    Raises TranscriptError, and nothing else, when it cannot be used: unreadable, larger than
+    `max_bytes` (only max_bytes + 1 bytes are read), or rejected by the parser; an unexpected
+    error inside parsing becomes a TranscriptError too, so one hostile file costs its video
+    its transcript, never the batch.
+    """
     name = transcript_uri.rsplit("/", 1)[-1]
-    return to_sentences(parse_transcript(data, name), max_gap_s=max_gap_s)
+    try:
+        data = _read_at_most(transcript_uri, max_bytes + 1, s3)
+    except Exception as error:  # OSError, StorageError, or whatever the S3 client raised
+        raise TranscriptError(f"{name}: cannot read: {_clip(str(error))}") from error
+    if len(data) > max_bytes:
+        try:
+            info = storage.object_info(transcript_uri, s3)
+        except Exception:  # the size is only for the message
+            info = None
+        size = f"{info.size} bytes" if info is not None else "more bytes"
+        raise TranscriptError(
+            f"{name}: {size}, over the {max_bytes}-byte limit (tokenize.max_transcript_bytes)"
+        )
+    try:
+        return to_sentences(parse_transcript(data, name), max_gap_s=max_gap_s)
+    except TranscriptError:
+        raise
+    except Exception as error:  # parse_transcript raises only TranscriptError; this is a bug's guard
+        raise TranscriptError(f"{name}: cannot parse: {type(error).__name__}: {_clip(str(error))}") from error
+
+
+def _clip(text: str, limit: int = 300) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # What a video's token file is made from, as recorded in the tokens manifest: the features
@@ -129,9 +172,11 @@ class TokenShardWriter:
         sentence_gap_s: float = 2.0,
         s3: S3Config | None = None,
         device: str | None = None,
+        max_transcript_bytes: int = DEFAULT_MAX_TRANSCRIPT_BYTES,
     ):
         self.output = output
         self.s3 = s3
+        self.max_transcript_bytes = max_transcript_bytes
         self.segment_tokens = segment_tokens
         self.sentence_gap_s = sentence_gap_s
         self.codebook = HierarchicalCodebook.load(codebook_uri, s3).to(device or default_device())
@@ -168,9 +213,11 @@ class TokenShardWriter:
             sentences, transcript_error = None, None
             if transcript_uri:
                 try:
-                    sentences = load_sentences(str(transcript_uri), self.s3, self.sentence_gap_s)
-                except TranscriptError as error:
-                    transcript_error = str(error)
+                    sentences = load_sentences(
+                        str(transcript_uri), self.s3, self.sentence_gap_s, self.max_transcript_bytes
+                    )
+                except Exception as error:  # load_sentences raises TranscriptError; never lose the batch
+                    transcript_error = str(error) if isinstance(error, TranscriptError) else repr(error)
             clips = list(
                 zip(
                     table.column("clip_index").to_pylist(),
@@ -210,13 +257,18 @@ def read_tokens(
 # ---- the tokenize stage's plan (Ray glue: pipelines/tokenize.py) ------------------------------
 
 
-def sentences_of_transcripts(uris: list[str], s3: S3Config | None, max_gap_s: float) -> list[str]:
+def sentences_of_transcripts(
+    uris: list[str],
+    s3: S3Config | None,
+    max_gap_s: float,
+    max_bytes: int = DEFAULT_MAX_TRANSCRIPT_BYTES,
+) -> list[str]:
     """Sentences of every usable transcript among `uris` (one that cannot be used is skipped
     here: tokenize records its error per video)."""
     texts: list[str] = []
     for uri in uris:
         try:
-            texts.extend(s.text for s in load_sentences(uri, s3, max_gap_s))
+            texts.extend(s.text for s in load_sentences(uri, s3, max_gap_s, max_bytes))
         except TranscriptError:
             continue
     return texts

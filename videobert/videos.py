@@ -376,13 +376,21 @@ def relinked_rows(
     return rows
 
 
-def gather_videos(batches: Iterable[dict[str, np.ndarray]], stage: str) -> Iterator[DecodedVideo]:
-    """Every video of a stream of row batches, as soon as all its rows arrived; at the end, any
-    video whose rows never all arrived (should not happen) as an error."""
+def gather_videos(
+    batches: Iterable[dict[str, np.ndarray]], stage: str, expected: Iterable[str] = (), tries: int = 1
+) -> Iterator[DecodedVideo]:
+    """Every video of a stream of row batches, as soon as all its rows arrived. At the end, as
+    errors: any video whose rows never all arrived, and any `expected` video that sent none
+    (its decode task died `tries` times: killed for memory, or its node lost)."""
     gatherer = ClipGatherer()
+    seen: set[str] = set()
     for batch in batches:
+        seen.update(str(v) for v in batch["video_id"])
         yield from gatherer.add_batch(batch)
     yield from gatherer.leftovers(stage)
+    for vid in sorted(set(expected) - seen):
+        reason = f"{stage}: decoder killed (out of memory or a lost node) after {tries} tries"
+        yield DecodedVideo(vid, {"status": "error", "error": reason}, {})
 
 
 @dataclass
