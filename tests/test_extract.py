@@ -18,6 +18,7 @@ import yaml
 
 from pipelines import extract
 from tests import videos
+from tests.processes import killing
 from videobert import storage, tables
 from videobert.config import ExperimentConfig, load_config
 
@@ -269,30 +270,10 @@ def test_a_decode_that_keeps_dying_becomes_an_error_row_not_a_hung_run(ray_clust
     """Every decode worker is SIGKILLed as soon as it appears (as the kernel's OOM killer or a
     lost node would): each task is retried `extract.decode_max_retries` times, then its video
     is an error row that says so, and the run ends. A rerun without the killer extracts them."""
-    import threading
-
     source = make_corpus(tmp_path / "src", good=2, bad=False)
     config = config_for(tmp_path, str(source), str(tmp_path / "out"), extract={"decode_max_retries": 1})
-    stop, killed = threading.Event(), []
-
-    def kill_every_decode_worker() -> None:
-        while not stop.is_set():
-            for entry in Path("/proc").iterdir():
-                try:
-                    if entry.name.isdigit() and b"decode_video" in (entry / "cmdline").read_bytes():
-                        os.kill(int(entry.name), signal.SIGKILL)
-                        killed.append(entry.name)
-                except OSError:
-                    continue
-            time.sleep(0.01)
-
-    killer = threading.Thread(target=kill_every_decode_worker, daemon=True)
-    killer.start()
-    try:
+    with killing("decode_video", every=True) as killed:
         summary = extract.run(config)
-    finally:
-        stop.set()
-        killer.join(timeout=5)
     assert len(killed) >= 2, killed
     assert (summary.ok, summary.error) == (0, 2)
     for reason in summary.errors.values():

@@ -19,7 +19,6 @@ import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,6 +31,7 @@ from mlflow import MlflowClient
 
 from pipelines import extract
 from pipelines import run as run_stage
+from tests.processes import killing
 from tests.test_extract import assert_same_state
 from videobert.codebook import HierarchicalCodebook, list_codebooks
 from videobert.config import load_config
@@ -94,39 +94,10 @@ def undisturbed(ray_cluster, corpus: Path) -> str:
     return config.output
 
 
-def processes_running(fragment: str) -> list[int]:
-    """PIDs whose command line (Ray sets it to `ray::<task>`) contains `fragment`."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if fragment in (entry / "cmdline").read_bytes().decode(errors="replace"):
-                    pids.append(int(entry.name))
-            except OSError:
-                continue
-    return pids
-
-
 def test_decode_worker_killed_midway_is_retried(ray_cluster, corpus: Path, undisturbed: str) -> None:
     config = load_config(write_config(corpus, "decode-killed"))
-    killed: list[int] = []
-    stop = threading.Event()
-
-    def kill_first_decode_worker() -> None:
-        while not stop.is_set() and not killed:
-            for pid in processes_running("decode_video"):
-                os.kill(pid, signal.SIGKILL)  # a real worker death, mid-task
-                killed.append(pid)
-                break
-            time.sleep(0.02)
-
-    killer = threading.Thread(target=kill_first_decode_worker, daemon=True)
-    killer.start()
-    try:
+    with killing("decode_video") as killed:  # a real worker death, mid-task
         summary = extract.run(config)
-    finally:
-        stop.set()
-        killer.join(timeout=5)
     assert killed, "no decode worker was seen to kill"
     assert summary.error == 0 and summary.ok == summary.listed
     assert_same_state(config.output, undisturbed)
