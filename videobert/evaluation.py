@@ -250,10 +250,10 @@ def rows_to_columns(table: pa.Table) -> HeldOut:
 
 def read_labels(uri: str, config: ExperimentConfig) -> pa.Table:
     """The labelled set: CSV or Parquet with source_uri, verb, object."""
-    data = storage.read_bytes(uri, config.s3)
-    table = (
-        storage.read_parquet(uri, config.s3) if uri.endswith(".parquet") else pacsv.read_csv(io.BytesIO(data))
-    )
+    if uri.endswith(".parquet"):
+        table = storage.read_parquet(uri, config.s3)
+    else:
+        table = pacsv.read_csv(io.BytesIO(storage.read_bytes(uri, config.s3)))
     missing = {"source_uri", "verb", "object"} - set(table.column_names)
     if missing:
         raise ConfigError(f"evaluate.labels {uri}: missing columns {sorted(missing)}")

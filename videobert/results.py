@@ -17,7 +17,7 @@ import json
 import uuid
 from dataclasses import asdict, dataclass, field
 
-from videobert import storage, tables
+from videobert import storage, tables, versions
 from videobert.config import ExperimentConfig
 from videobert.storage import ObjectInfo
 
@@ -230,13 +230,14 @@ def pretrain_run_name(config: ExperimentConfig, tokens: TokenizeResult, init_mod
 
 def find_codebook(config: ExperimentConfig) -> CodebookResult | None:
     """The newest complete codebook with the configured k and depth, or None."""
-    from videobert.codebook import latest_codebook, list_codebooks
+    from videobert.codebook import list_codebooks
 
-    uri = latest_codebook(config.output, config.s3, k=config.codebook.k, depth=config.codebook.depth)
-    if uri is None:
+    meta = versions.newest(
+        list_codebooks(config.output, config.s3), k=config.codebook.k, depth=config.codebook.depth
+    )
+    if meta is None:
         return None
-    meta = next(m for m in list_codebooks(config.output, config.s3) if m["uri"] == uri)
-    return CodebookResult(uri=uri, version=meta["version"], vocab_size=int(meta["vocab_size"]))
+    return CodebookResult(uri=meta["uri"], version=meta["version"], vocab_size=int(meta["vocab_size"]))
 
 
 def require_codebook(config: ExperimentConfig) -> CodebookResult:
@@ -252,7 +253,7 @@ def require_codebook(config: ExperimentConfig) -> CodebookResult:
 def find_tokenizer(config: ExperimentConfig) -> TokenizerResult | None:
     """The tokenizer the `text` section selects, if it is saved: the one built from `text.vocab`,
     else the newest one trained with this vocab_size and lower-casing."""
-    from videobert.text_tokenizer import TextTokenizer, latest_tokenizer
+    from videobert.text_tokenizer import TextTokenizer, list_tokenizers
 
     text, s3 = config.text, config.s3
     if text.vocab:
@@ -260,12 +261,13 @@ def find_tokenizer(config: ExperimentConfig) -> TokenizerResult | None:
         uri = tables.Layout(config.output).tokenizer(version)
         saved = storage.exists(storage.join(uri, "meta.json"), s3)
         return TokenizerResult(uri, version) if saved else None
-    uri = latest_tokenizer(
-        config.output, s3, source="trained", lowercase=text.lowercase, requested_vocab_size=text.vocab_size
+    meta = versions.newest(
+        list_tokenizers(config.output, s3),
+        source="trained",
+        lowercase=text.lowercase,
+        requested_vocab_size=text.vocab_size,
     )
-    if uri is None:
-        return None
-    return TokenizerResult(uri, json.loads(storage.read_bytes(storage.join(uri, "meta.json"), s3))["version"])
+    return None if meta is None else TokenizerResult(meta["uri"], meta["version"])
 
 
 def token_files(tokens_uri: str, config: ExperimentConfig) -> list[ObjectInfo]:
