@@ -9,7 +9,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from videobert import storage
 from videobert.config import ConfigError, ExperimentConfig, load_config
+from videobert.lease import LeaseHeldError, hold_lease
 from videobert.results import MissingInputError
 from videobert.storage import StorageError
 
@@ -19,6 +21,7 @@ EXIT_OK = 0
 EXIT_CONFIG = 2  # the config or an override cannot be used (the message names the key)
 EXIT_STORAGE = 3  # storage unreachable or failing (S3 endpoint, credentials, permissions)
 EXIT_MISSING_INPUT = 4  # an upstream stage's output is missing (the message names the stage)
+EXIT_BUSY = 5  # another run holds the lease on `output` (the message names it; see videobert/lease.py)
 
 # Variables a worker on another node needs to reach the same services. Credentials are
 # deliberately absent: on a cluster they come from the node's instance profile / env.
@@ -50,21 +53,32 @@ def parse_args(stage: str, argv: list[str] | None) -> ExperimentConfig:
     return load_config(args.config, args.overrides)
 
 
-def stage_main(stage: str, run: Callable[[ExperimentConfig], Any], argv: list[str] | None = None) -> int:
-    """Parse arguments, run the stage, map failures to clear messages and exit codes."""
+def stage_main(
+    stage: str, run: Callable[[ExperimentConfig], Any], argv: list[str] | None = None, lease: bool = True
+) -> int:
+    """Parse arguments, run the stage while holding the lease on `output` (unless `lease` is
+    off, for stages that write elsewhere), and map failures to clear messages and exit codes."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         config = parse_args(stage, argv)
-        run(config)
+        if lease:
+            storage.check_reachable(config.output, config.s3, create=True)
+            with hold_lease(config.output, stage, config.lease, config.s3):
+                run(config)
+        else:
+            run(config)
     except ConfigError as error:
         print(f"videobert {stage}: config error: {error}", file=sys.stderr)
         return EXIT_CONFIG
-    except StorageError as error:
+    except (StorageError, OSError) as error:  # OSError: a full disk, a read-only mount, ...
         print(f"videobert {stage}: storage error: {error}", file=sys.stderr)
         return EXIT_STORAGE
     except MissingInputError as error:
         print(f"videobert {stage}: missing input: {error}", file=sys.stderr)
         return EXIT_MISSING_INPUT
+    except LeaseHeldError as error:
+        print(f"videobert {stage}: busy: {error}", file=sys.stderr)
+        return EXIT_BUSY
     return EXIT_OK
 
 

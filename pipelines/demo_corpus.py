@@ -39,7 +39,7 @@ def run(config: ExperimentConfig) -> CorpusSummary:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return stage_main("demo-corpus", run, argv)
+    return stage_main("demo-corpus", run, argv, lease=False)  # it writes under `source`
 
 
 if __name__ == "__main__":

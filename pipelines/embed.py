@@ -43,7 +43,7 @@ def words_of_decoded_videos(
     items: list[dict[str, Any]] = []
     for video in decoded_videos(config, videos, ClipWords, codebook_uri=codebook_uri):
         if video.error:
-            committer.commit_video(video.video_id, video.error)
+            committer.commit_video(video.video_id, video.error, error_kind=video.error_kind)
         else:
             words = [int(clip["visual_word"]) for clip in video.ordered_clips()]
             items.append({"video_id": video.video_id, "visual_words": words, "features_uri": ""})
@@ -96,7 +96,7 @@ def run(config: ExperimentConfig) -> EmbedResult:
         model_version=model.version,
         directory=plan.layout.directory,
     )
-    committer = EmbedCommitter(config, plan.layout, plan.todo, plan.provenance, result)
+    committer = EmbedCommitter(config, plan.layout, plan.todo, plan.provenance, result, plan.manifest)
     if plan.todo:
         log.info("embedding %d videos (%d from extract's features)", len(plan.todo), len(plan.reuse))
         init_ray()
@@ -113,7 +113,7 @@ def run(config: ExperimentConfig) -> EmbedResult:
         for row in embedded(config, items, model.uri, plan.codebook_uri) if items else ():
             committer.commit_video(row["video_id"], row["error"], row)
     committer.flush()
-    tables.compact_parts(plan.layout.manifest, tables.EMBED_MANIFEST_SCHEMA, config.s3)
+    tables.maintain(plan.layout.manifest, config.s3)
     result.seconds = time.perf_counter() - started
     print(result.report(), flush=True)
     return result

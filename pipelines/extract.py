@@ -2,8 +2,8 @@
 
 The Ray plan is `ray_stages.decoded_videos` with `videobert.videos.ClipFeatures` actors; the
 driver regroups each video's rows and commits it: features/<video_id>.parquet first (atomic,
-deterministic name), its manifest row after it (buffered, every `extract.manifest_flush_every`
-videos). A kill at any point leaves only committed work visible, and a rerun redoes exactly
+deterministic name), its manifest row after it (upserted into the Delta table every
+`extract.manifest_flush_every` videos). A kill at any point leaves only committed work visible, and a rerun redoes exactly
 the videos whose row is not up to date (`videobert.videos.is_up_to_date`).
 """
 
@@ -35,7 +35,7 @@ def run(config: ExperimentConfig) -> ExtractResult:
     load_weights(config.encoder, config.s3)  # fail fast (exit 2) when the weights cannot be had
 
     plan = plan_extract(config, encoder)
-    tables.append_manifest(config.output, plan.relinked, config.s3)
+    tables.upsert_manifest(config.output, plan.relinked, config.s3)
     layout = tables.Layout(config.output)
     result = ExtractResult(
         run_id=stage_run_id("extract"),
@@ -46,14 +46,14 @@ def run(config: ExperimentConfig) -> ExtractResult:
         features=layout.features,
         manifest=layout.videos,
     )
-    committer = ExtractCommitter(config, plan.todo, result, encoder)
+    committer = ExtractCommitter(config, plan.todo, result, encoder, plan.manifest)
     if plan.todo:
         init_ray()
         log.info("extracting %d videos (%d up to date)", len(plan.todo), result.skipped)
         for video in decoded_videos(config, plan.todo, ClipFeatures):
             committer.commit_video(video)
     committer.flush()
-    tables.compact_manifest(config.output, config.s3)
+    tables.maintain(layout.videos, config.s3)
     result.seconds = time.perf_counter() - started
     print(result.report(), flush=True)
     return result

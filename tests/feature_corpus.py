@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from videobert import storage
-from videobert.tables import FEATURE_DIM, FEATURES_SCHEMA, Layout, append_manifest, video_id
+from videobert.tables import FEATURE_DIM, FEATURES_SCHEMA, Layout, upsert_manifest, video_id
 
 PROTOTYPES = np.random.default_rng(123).normal(size=(4, FEATURE_DIM))
 
@@ -93,5 +93,5 @@ def write_video(
         "transcript_uri": transcript_uri,
         "encoder": "synthetic",
     }
-    append_manifest(output, [row])
+    upsert_manifest(output, [row])
     return vid

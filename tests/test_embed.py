@@ -125,7 +125,7 @@ def test_embed_champion_then_incremental_reruns(ray_cluster, world: World) -> No
     assert summary.directory == str(Path(world.config.output) / "embeddings" / "videobert-v1")
     assert (summary.listed, summary.ok, summary.error, summary.skipped, summary.reused) == (4, 3, 1, 0, 0)
     layout = tables.EmbeddingLayout(summary.directory)
-    manifest = by_name(tables.read_newest(layout.manifest, tables.EMBED_MANIFEST_SCHEMA))
+    manifest = by_name(tables.read_table(layout.manifest, tables.EMBED_MANIFEST_SCHEMA))
     assert len(manifest) == 4  # every listed video has exactly one row
     assert manifest["corrupted.mkv"]["status"] == "error"
     assert manifest["corrupted.mkv"]["error"].startswith("decode:"), manifest["corrupted.mkv"]
@@ -164,7 +164,7 @@ def test_embed_champion_then_incremental_reruns(ray_cluster, world: World) -> No
         ),
         tables.Layout(world.config.output).features_file(new["video_id"]),
     )
-    tables.append_manifest(
+    tables.upsert_manifest(
         world.config.output,
         [{**new, "status": "ok", "num_clips": len(planted), "encoder": encoder_id(world.config.encoder)}],
     )
@@ -174,7 +174,7 @@ def test_embed_champion_then_incremental_reruns(ray_cluster, world: World) -> No
     assert rows2["new.mp4"]["visual_words"] == rows["video1.mp4"]["visual_words"]
     np.testing.assert_allclose(rows2["new.mp4"]["embedding"], rows["video1.mp4"]["embedding"], atol=1e-6)
     assert {k: v for k, v in rows2.items() if k != "new.mp4"} == rows  # untouched, not rewritten
-    assert by_name(tables.read_newest(layout.manifest, tables.EMBED_MANIFEST_SCHEMA))["new.mp4"][
+    assert by_name(tables.read_table(layout.manifest, tables.EMBED_MANIFEST_SCHEMA))["new.mp4"][
         "features"
     ] == ("reused")
 
@@ -182,7 +182,7 @@ def test_embed_champion_then_incremental_reruns(ray_cluster, world: World) -> No
     third = embed.run(world.config)
     assert (third.listed, third.ok, third.error, third.skipped) == (5, 0, 0, 5)
     assert by_name(tables.read_embeddings(summary.directory)) == rows2
-    assert len(storage.list_files(layout.manifest, suffix=".parquet")) == 1  # compacted
+    assert manifest["corrupted.mkv"]["error_kind"] == "permanent"
 
 
 def test_embedding_pools_video_tokens_over_chunks() -> None:
@@ -226,20 +226,23 @@ def test_resolution_and_exit_codes(world: World, capsys: pytest.CaptureFixture) 
 
 
 def test_planning_rules() -> None:
-    listed = [{"video_id": v, "etag": "e1"} for v in ("same", "changed", "failed", "new")]
+    names = ("same", "changed", "failed", "flaky", "legacy", "new")
+    listed = [{"video_id": v, "etag": "e1"} for v in names]
     manifest = tables.rows_table(
         [
             {"video_id": "same", "etag": "e1", "status": "ok"},
             {"video_id": "changed", "etag": "e0", "status": "ok"},
-            {"video_id": "failed", "etag": "e1", "status": "error"},
+            {"video_id": "failed", "etag": "e1", "status": "error", "error_kind": "permanent"},
+            {"video_id": "flaky", "etag": "e1", "status": "error", "error_kind": "transient"},
+            {"video_id": "legacy", "etag": "e1", "status": "error"},  # from before errors had a kind
         ],
         tables.EMBED_MANIFEST_SCHEMA,
     )
     rows = rows_by_video(manifest)
     todo = videos_to_do(listed, rows, retry_errors=False)
-    assert [v["video_id"] for v in todo] == ["changed", "new"]
+    assert [v["video_id"] for v in todo] == ["changed", "flaky", "legacy", "new"]
     todo = videos_to_do(listed, rows, retry_errors=True)
-    assert [v["video_id"] for v in todo] == ["changed", "failed", "new"]
+    assert [v["video_id"] for v in todo] == ["changed", "failed", "flaky", "legacy", "new"]
     # Settings the row was made with count too: another encoder means the video is redone.
     todo = videos_to_do(listed, {"same": {"etag": "e1", "status": "ok", "encoder": "a"}}, False, encoder="b")
-    assert [v["video_id"] for v in todo] == ["same", "changed", "failed", "new"]
+    assert [v["video_id"] for v in todo] == list(names)

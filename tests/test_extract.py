@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,15 @@ def snapshot(
     return rows, dict(zip(keys, values, strict=True))
 
 
+def files_state(output: str) -> dict[str, tuple[int, int]]:
+    """Every file under a local `output` with its size and mtime: equal means nothing was written."""
+    return {
+        str(path.relative_to(output)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in Path(output).rglob("*")
+        if path.is_file()
+    }
+
+
 def assert_same_state(a: str, b: str) -> None:
     rows_a, features_a = snapshot(a)
     rows_b, features_b = snapshot(b)
@@ -116,10 +126,12 @@ def test_local_run_records_every_video_then_reruns_incrementally(ray_cluster, tm
     by_name = {Path(r["source_uri"]).name: r for r in rows}
     for name, reason in BAD_REASONS.items():
         assert by_name[name]["status"] == "error" and by_name[name]["error"].startswith(reason), by_name[name]
+        assert by_name[name]["error_kind"] == "permanent"  # the file's own fault: not retried as is
         assert summary.errors[by_name[name]["source_uri"]] == by_name[name]["error"]
     for i in range(3):
         row = by_name[f"video{i}.mp4"]
         assert row["status"] == "ok" and row["error"] is None and row["num_clips"] == 6
+        assert row["error_kind"] is None
         assert (row["width"], row["height"], row["fps"], row["duration_s"]) == (80, 64, 8.0, 6.0)
         assert row["encoder"] == "s3d-random0-l2"
         clips = sorted(k[1] for k in features if k[0] == row["video_id"])
@@ -133,12 +145,17 @@ def test_local_run_records_every_video_then_reruns_incrementally(ray_cluster, tm
     assert by_name["video1.mp4"]["transcript_uri"] is None
     norms = np.linalg.norm(np.stack([f[2] for f in features.values()]), axis=1)
     np.testing.assert_allclose(norms, 1.0, atol=2e-3)
-    assert len(storage.list_files(tables.Layout(output).videos, suffix=".parquet")) == 1  # compacted
 
-    # Rerun with nothing new: every ok video is skipped; bad ones are tried again and stay errors.
+    # Rerun with nothing new: ok videos and permanent errors are skipped, and not one file under
+    # `output` is written.
+    before = files_state(output)
     again = extract.run(config)
-    assert (again.ok, again.error, again.skipped, again.clips) == (0, 5, good, 0)
-    assert_same_state(output, output)
+    assert (again.ok, again.error, again.skipped, again.clips) == (0, 0, good + 5, 0)
+    assert files_state(output) == before
+    # Asked to, the bad ones are tried again; they fail the same way, so their rows stand as they were.
+    retried = extract.run(replace(config, extract=replace(config.extract, retry_errors=True)))
+    assert (retried.ok, retried.error, retried.skipped) == (0, 5, good)
+    assert files_state(output) == before
     assert snapshot(output)[0] == rows
 
     # A new video, a changed one, and a bad file that was fixed: only those are processed.
@@ -221,10 +238,10 @@ def test_kill_9_midway_then_rerun_equals_an_undisturbed_run(ray_cluster, tmp_pat
         stderr=subprocess.DEVNULL,
         start_new_session=True,
     )
-    manifest_dir = Path(killed) / "videos"
+    first_commit = Path(killed) / "videos" / "_delta_log" / f"{1:020d}.json"  # version 0 is the empty table
     try:
         deadline = time.monotonic() + 180
-        while not (manifest_dir.exists() and any(manifest_dir.glob("part-*.parquet"))):
+        while not first_commit.exists():
             assert process.poll() is None, "extract ended before it could be killed"
             assert time.monotonic() < deadline, "no manifest part appeared"
             time.sleep(0.05)
@@ -255,6 +272,11 @@ def test_exit_codes_for_config_and_storage_problems(tmp_path: Path, capsys: pyte
     assert "encoder.weights" in capsys.readouterr().err
     assert extract.main(["--set", f"source={tmp_path / 'absent'}", "--set", f"output={tmp_path / 'o'}"]) == 3
     assert "absent" in capsys.readouterr().err
+    # An OSError from the disk (here: `output` lies under a regular file) is a storage error too.
+    (tmp_path / "a_file").write_text("x")
+    assert extract.main([*base[:2], "--set", f"output={tmp_path / 'a_file' / 'out'}"]) == 3
+    err = capsys.readouterr().err
+    assert "storage error" in err and "Not a directory" in err and "Traceback" not in err
     # Empty source: nothing to do is a finished run (exit 0), Ray is not even needed.
     assert extract.main([*base, "--set", "encoder.weights=none"]) == 0
     assert "0 videos listed" in capsys.readouterr().out
@@ -279,6 +301,6 @@ def test_a_decode_that_keeps_dying_becomes_an_error_row_not_a_hung_run(ray_clust
     for reason in summary.errors.values():
         assert reason == "decode: decoder killed (out of memory or a lost node) after 2 tries"
     rows, _ = snapshot(config.output)
-    assert [r["status"] for r in rows] == ["error", "error"]
-    again = extract.run(config)
+    assert [(r["status"], r["error_kind"]) for r in rows] == [("error", "transient")] * 2
+    again = extract.run(config)  # transient: retried without being asked
     assert (again.ok, again.error) == (2, 0)

@@ -32,7 +32,7 @@ from mlflow import MlflowClient
 from pipelines import extract
 from pipelines import run as run_stage
 from tests.processes import killing
-from tests.test_extract import assert_same_state
+from tests.test_extract import assert_same_state, files_state
 from videobert.codebook import HierarchicalCodebook, list_codebooks
 from videobert.config import load_config
 from videobert.demo_corpus import DemoSpec, generate_corpus
@@ -160,7 +160,7 @@ def test_run_killed_in_every_stage_then_rerun_equals_an_undisturbed_run(
     log = corpus / "killed.log"
     env = {**ray_cluster.env, "RAY_ADDRESS": ray_cluster.address}
     kill_points = {
-        "extract": has_files(Path(layout.videos), "*.parquet"),
+        "extract": has_files(Path(layout.videos), f"_delta_log/{1:020d}.json"),  # rows committed
         "tokenize": has_files(Path(layout.tokens_root), "*.parquet"),
         # the snapshot is written once a checkpoint is registered: a resume can start from it
         "pretrain": has_files(Path(layout.train), "checkpoint_manager_snapshot.json"),
@@ -222,6 +222,7 @@ def pretrain_runs(config_file: Path) -> list[object]:
 def test_second_run_over_unchanged_inputs_does_no_work(ray_cluster, corpus: Path, undisturbed: str) -> None:
     config = load_config(write_config(corpus, "undisturbed"))
     manifest_before = read_manifest(config.output)
+    files_before = files_state(config.output)  # the tables, checkpoints and the MLflow store
     second = run_stage.run(config)
     assert second["extract"].skipped == second["extract"].listed
     assert second["fit-codebook"].reused
@@ -231,3 +232,7 @@ def test_second_run_over_unchanged_inputs_does_no_work(ray_cluster, corpus: Path
     assert second["promote"].promoted and second["promote"].reason == "already champion"
     assert read_manifest(config.output).num_rows == manifest_before.num_rows
     assert registry_state(write_config(corpus, "undisturbed"))["versions"] == 1
+    changed = {k for k in files_state(config.output).keys() | files_before.keys()} - {
+        k for k, v in files_before.items() if files_state(config.output).get(k) == v
+    }
+    assert not changed, f"a rerun over unchanged inputs wrote {sorted(changed)}"

@@ -23,7 +23,7 @@ from tests.feature_corpus import write_video
 from videobert import storage
 from videobert.codebook import HierarchicalCodebook, latest_codebook
 from videobert.config import ExperimentConfig, load_config
-from videobert.tables import Layout, append_manifest, read_manifest
+from videobert.tables import Layout, read_manifest, upsert_manifest
 from videobert.text_tokenizer import TextTokenizer, list_tokenizers
 from videobert.token_shards import read_tokens
 from videobert.tracking import tracking_uri, use_tracking_uri
@@ -132,7 +132,7 @@ def test_fit_codebook_and_tokenize_incremental_idempotent_versioned(ray_cluster,
     write_video(output, source, 1, clips=12, transcript="srt", seed=77, etag="e2")
     failed = next(r for r in read_manifest(output).to_pylist() if r["video_id"] == vids[2])
     failed.pop("updated_at")
-    append_manifest(output, [{**failed, "status": "error", "error": "decode: broken"}])
+    upsert_manifest(output, [{**failed, "status": "error", "error": "decode: broken"}])
     storage.delete(Layout(output).features_file(vids[2]))
     fifth = tokenize.run(config)
     assert (fifth.videos_tokenized, fifth.videos_changed, fifth.videos_removed) == (2, 2, 1)

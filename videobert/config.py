@@ -175,8 +175,9 @@ class ExtractConfig:
     cpus_per_feature_actor: float | None = None
     """CPUs each feature actor holds, and its torch threads (None: one with a GPU, else the
     node's CPUs less the decode tasks' share)."""
-    retry_errors: bool = True
-    """Decode again videos that failed before although their file did not change."""
+    retry_errors: bool = False
+    """Decode again videos whose permanent error (not a video, over a bound) stands although their
+    file did not change. Transient errors (storage, a killed worker) are retried on every run."""
 
     def __post_init__(self) -> None:
         if self.cpus_per_decode_task <= 0:
@@ -437,7 +438,8 @@ class EmbedConfig:
     reuse_features: bool = True
     """Use extract's committed features of a video (same ETag and encoder) instead of decoding it again."""
     retry_errors: bool = False
-    """Retry videos that failed before although their file did not change (a changed file is always retried)."""
+    """Retry videos whose permanent error stands although their file did not change (a changed
+    file, and a transient error, are always retried)."""
 
     deprecated_keys: ClassVar[dict[str, str]] = {"batch_size": "videos_per_batch"}
     """Old key -> its new name (`batch_size` also meant sequences and clips elsewhere)."""
@@ -479,6 +481,25 @@ class DemoConfig:
 
 
 @dataclass
+class LeaseConfig:
+    """The lease on `output` that keeps two runs from writing there at once (videobert/lease.py)."""
+
+    ttl_s: float = 300.0
+    """A lease not renewed for this long is free: its holder died. Renewed every ttl_s / 3."""
+    wait_s: float = 0.0
+    """How long a stage waits for another run's lease before it gives up (exit code 5)."""
+    poll_s: float = 5.0
+    """How often a waiting stage tries again."""
+
+    def __post_init__(self) -> None:
+        if self.ttl_s < 3 or self.wait_s < 0 or self.poll_s <= 0:
+            raise ConfigError(
+                f"lease needs ttl_s >= 3, wait_s >= 0 and poll_s > 0, got "
+                f"ttl_s={self.ttl_s}, wait_s={self.wait_s}, poll_s={self.poll_s}"
+            )
+
+
+@dataclass
 class ExperimentConfig:
     """A whole experiment: where data comes from and goes, and every stage's settings."""
 
@@ -502,6 +523,7 @@ class ExperimentConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    lease: LeaseConfig = field(default_factory=LeaseConfig)
 
     def __post_init__(self) -> None:
         if not self.source:

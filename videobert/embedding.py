@@ -236,21 +236,31 @@ class EmbedCommitter(ManifestCommitter):
         videos: list[dict[str, Any]],
         provenance: dict[str, str],
         summary: EmbedResult,
+        current: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(
-            lambda rows: tables.append_parts(
+            lambda rows: tables.upsert(
                 layout.manifest, tables.rows_table(rows, tables.EMBED_MANIFEST_SCHEMA), config.s3
             ),
             config.extract.manifest_flush_every,
             summary,
             config.s3,
+            current,
         )
         self.layout = layout
         self.videos = {v["video_id"]: v for v in videos}
         self.provenance = provenance  # model_uri, codebook_version, encoder
         self.features: dict[str, str] = {}  # video_id -> DECODED | REUSED
 
-    def commit_video(self, vid: str, error: str | None, result: dict[str, Any] | None = None) -> None:
+    def commit_video(
+        self,
+        vid: str,
+        error: str | None,
+        result: dict[str, Any] | None = None,
+        error_kind: str = tables.TRANSIENT,
+    ) -> None:
+        """`error_kind` of a failed video: decode errors bring theirs; a failed model pass is
+        the worker's trouble (transient)."""
         video = self.videos[vid]
         num_clips = int(result["num_clips"]) if result and not error else 0
         output = None
@@ -269,6 +279,7 @@ class EmbedCommitter(ManifestCommitter):
             **{k: video[k] for k in ("video_id", "source_uri", "etag", "size")},
             "status": "ok" if error is None else "error",
             "error": error,
+            "error_kind": None if error is None else error_kind,
             "num_clips": num_clips,
             "features": self.features.get(vid, DECODED),
             "model_uri": self.provenance["model_uri"],
@@ -287,6 +298,8 @@ class EmbedPlan:
     layout: tables.EmbeddingLayout
     provenance: dict[str, str]
     """model_uri, codebook_version and encoder: written into every embedding row."""
+    manifest: dict[str, dict[str, Any]]
+    """video_id -> its current embed-manifest row."""
     videos: list[dict[str, Any]]
     """Every listed video."""
     reuse: list[dict[str, Any]]
@@ -323,7 +336,7 @@ def plan_embed(config: ExperimentConfig) -> EmbedPlan:
     storage.check_reachable(root, s3, create=True)
     layout = tables.EmbeddingLayout.for_model(root, model.name, model.version)
     videos = list_videos(config)
-    manifest = rows_by_video(tables.read_newest(layout.manifest, tables.EMBED_MANIFEST_SCHEMA, s3))
+    manifest = rows_by_video(tables.read_table(layout.manifest, tables.EMBED_MANIFEST_SCHEMA, s3))
     todo = videos_to_do(videos, manifest, config.embed.retry_errors)
     reusable = reusable_features(config, encoder) if config.embed.reuse_features and todo else {}
     return EmbedPlan(
@@ -331,6 +344,7 @@ def plan_embed(config: ExperimentConfig) -> EmbedPlan:
         codebook_uri=codebook_uri,
         layout=layout,
         provenance={"model_uri": model.uri, "codebook_version": codebook_meta["version"], "encoder": encoder},
+        manifest=manifest,
         videos=videos,
         reuse=[v for v in todo if reusable.get(v["video_id"]) == v["etag"]],
         decode=[v for v in todo if reusable.get(v["video_id"]) != v["etag"]],

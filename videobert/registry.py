@@ -292,8 +292,9 @@ def promote(client: MlflowClient, model_name: str, version: str, metric: str) ->
     A first version becomes champion. A version without an evaluation on `metric` is recorded
     as "not evaluated" and moves nothing: a missing metric never stops a scheduled run. Ties
     keep the current champion, so reruns never flip-flop. Idempotent: promoting the champion
-    again changes nothing but the recorded decision.
+    again writes nothing.
     """
+    recorded = client.get_model_version(model_name, version).tags
     candidate_score = version_score(client, model_name, version, metric)
     champion_version = alias_version(client, model_name, CHAMPION)
     champion_score = version_score(client, model_name, champion_version, metric) if champion_version else None
@@ -309,7 +310,7 @@ def promote(client: MlflowClient, model_name: str, version: str, metric: str) ->
         promoted, reason = True, f"{metric} {candidate_score:.4f} > champion's {champion_score:.4f}"
     else:
         promoted, reason = False, f"{metric} {candidate_score:.4f} <= champion's {champion_score:.4f}"
-    if promoted:
+    if promoted and champion_version != version:
         client.set_registered_model_alias(model_name, CHAMPION, version)
     decision = PromotionDecision(
         model_name, version, metric, candidate_score, champion_version, champion_score, promoted, reason
@@ -326,7 +327,8 @@ def promote(client: MlflowClient, model_name: str, version: str, metric: str) ->
         "promotion.champion_version": champion_version or "",
         "promotion.champion_score": "" if champion_score is None else f"{champion_score:.6f}",
     }.items():
-        client.set_model_version_tag(model_name, version, key, value)
+        if recorded.get(key) != value:  # a rerun that decides the same writes nothing
+            client.set_model_version_tag(model_name, version, key, value)
     return decision
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
 import os
 import posixpath
 import time
@@ -27,6 +28,7 @@ import pyarrow.parquet as pq
 from videobert.config import S3Config
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
@@ -260,11 +262,23 @@ def write_bytes(uri: str, data: bytes, s3: S3Config | None = None) -> None:
 
         with_retries(f"write {uri}", put)
         return
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    parent = Path(path).parent
+    parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())  # the bytes are on disk before the name points at them
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or a kill: no temporary file is left behind
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    directory = os.open(parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # and the rename itself survives a crash
+    finally:
+        os.close(directory)
 
 
 def exists(uri: str, s3: S3Config | None = None) -> bool:
@@ -307,14 +321,26 @@ def read_parquet(uri: str, s3: S3Config | None = None, columns: list[str] | None
     return pq.read_table(io.BytesIO(read_bytes(uri, s3)), columns=columns)
 
 
+def read_parquet_if_readable(
+    uri: str, s3: S3Config | None = None, columns: list[str] | None = None
+) -> pa.Table | None:
+    """One Parquet file, or None (with a warning naming it) when it cannot be read: one
+    damaged file is reported and skipped, never fatal to every later stage."""
+    try:
+        return read_parquet(uri, s3, columns=columns)
+    except (OSError, pa.ArrowException, StorageError) as error:
+        log.warning("skipping unreadable %s: %s", uri, error)
+        return None
+
+
 def read_parquet_dir(
     uri: str, s3: S3Config | None = None, schema: pa.Schema | None = None, columns: list[str] | None = None
 ) -> pa.Table | None:
-    """Every committed Parquet file under `uri` as one table; None when there is none."""
+    """Every readable Parquet file under `uri` as one table; None when there is none."""
     files = list_files(uri, s3, suffix=".parquet")
-    if not files:
+    tables = [t for t in (read_parquet_if_readable(f, s3, columns=columns) for f in files) if t is not None]
+    if not tables:
         return None
-    tables = [read_parquet(f, s3, columns=columns) for f in files]
     if schema is not None:
         tables = [t.cast(schema) if columns is None else t for t in tables]
     return pa.concat_tables(tables, promote_options="default")

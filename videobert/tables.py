@@ -1,23 +1,25 @@
-"""The data contracts: where every table lives under `output`, and its Parquet schema.
+"""The data contracts: where every table lives under `output`, and its schema.
 
 Layout under the experiment's `output` root (local directory or s3://):
 
-    videos/part-*.parquet        the manifest; append-only parts, the newest row per video wins
+    videos/                      the manifest: a Delta Lake table, one current row per video
     features/<video_id>.parquet  one file per video, one row per clip (deterministic name)
     codebook/<version>/          centroids (safetensors) + codebook.json + gallery.png
     text/<version>/              the WordPiece tokenizer (tokenizer.json, vocab.txt)
     tokens/<codebook>-<text>/    token shards for that codebook and tokenizer version
-    tokens_manifest/<codebook>-<text>/part-*.parquet
-                                 what each video's token file was made from (its inputs'
-                                 ETags); append-only parts, the newest row per video wins
+    tokens_manifest/<codebook>-<text>/
+                                 Delta table: what each video's token file was made from
+                                 (its inputs' ETags), one row per video
     mlflow.db                    the default MLflow store when MLFLOW_TRACKING_URI is unset
     train/                       Ray Train storage (checkpoints)
     embeddings/<model>-v<version>/
       data/<video_id>.parquet    `videobert embed`: one row per video (deterministic name)
-      manifest/part-*.parquet    one status row per listed video; the newest row per video wins
+      manifest/                  Delta table: one status row per listed video
+    _lease.json                  who is writing under `output` now (videobert/lease.py)
 
 Commit rule: a video's outputs are written first, its manifest row last. Readers go
 through the manifest (`read_manifest`, `read_features`) so they see only committed work.
+Any Delta reader (Ray Data's `read_delta`, DuckDB, Spark, Polars) sees the same current rows.
 The tokens manifest lives outside `tokens/<codebook>-<text>/` on purpose: everything under
 that directory is read as token shards (pretrain lists it recursively).
 """
@@ -26,8 +28,11 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import logging
+import os
+import random
 import re
-import uuid
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +42,8 @@ import pyarrow.compute as pc
 from videobert import storage
 from videobert.config import S3Config
 
+log = logging.getLogger(__name__)
+
 MANIFEST_SCHEMA = pa.schema(
     [
         ("video_id", pa.string()),
@@ -45,6 +52,7 @@ MANIFEST_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("status", pa.string()),  # ok | error
         ("error", pa.string()),  # "<stage>: <reason>" when status is error
+        ("error_kind", pa.string()),  # permanent | transient (see ERROR_KINDS) when status is error
         ("num_clips", pa.int64()),
         ("duration_s", pa.float64()),
         ("width", pa.int64()),
@@ -57,6 +65,12 @@ MANIFEST_SCHEMA = pa.schema(
         ("updated_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+
+PERMANENT, TRANSIENT = "permanent", "transient"
+ERROR_KINDS = (PERMANENT, TRANSIENT)
+"""permanent: this very object (ETag) fails this way every time (not a video, over a bound);
+skipped until it changes or `retry_errors` is set. transient: storage time-outs, a killed
+worker; retried on the next run."""
 
 FEATURE_DIM = 1024
 
@@ -111,6 +125,7 @@ EMBED_MANIFEST_SCHEMA = pa.schema(
         ("size", pa.int64()),
         ("status", pa.string()),  # ok | error
         ("error", pa.string()),  # "<stage>: <reason>" when status is error
+        ("error_kind", pa.string()),  # permanent | transient when status is error
         ("num_clips", pa.int64()),
         ("features", pa.string()),  # decoded | reused (extract's committed features)
         ("model_uri", pa.string()),
@@ -231,62 +246,221 @@ def rows_table(rows: list[dict[str, Any]], schema: pa.Schema = MANIFEST_SCHEMA) 
     return pa.table(columns, schema=schema)
 
 
-def append_parts(directory: str, table: pa.Table, s3: S3Config | None = None) -> None:
-    """Commit rows as one new part file (atomic, unique name) in an append-only directory."""
-    name = f"part-{now_utc().strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:8]}.parquet"
-    storage.write_parquet(table, storage.join(directory, name), s3)
+# ---- manifests are Delta Lake tables ---------------------------------------------------------
+#
+# Why Delta Lake (delta-rs): a manifest is "one current row per video", upserted by runs that
+# may overlap. Delta gives exactly that to every engine (Ray Data's read_delta, DuckDB, Spark,
+# Polars, deltalake itself): a MERGE on video_id commits atomically, and concurrent commits are
+# detected and retried, locally and on S3 (conditional PUTs, no lock service). A plain Parquet
+# log could not: standard readers saw every old row, and two compactions raced.
+
+KEY = "video_id"
+UPSERT_TRIES = 30  # optimistic commits: retried with jittered backoff when a writer races us
+MAX_FILES = 32  # compact a table once a stage leaves more data files than this
+# Old Parquet-log parts (before Delta): part-<UTC time>-<8 hex | compact>.parquet
+LEGACY_PART = re.compile(r"part-\d{8}T\d{6,}-(?:[0-9a-f]{8}|compact)\.parquet$")
 
 
-def read_newest(directory: str, schema: pa.Schema, s3: S3Config | None = None) -> pa.Table:
-    """The newest row of every video across a directory's parts (empty table if none)."""
-    table = storage.read_parquet_dir(directory, s3)
-    if table is None or table.num_rows == 0:
-        return schema.empty_table()
-    table = table.select(schema.names).cast(schema)
-    order = pc.sort_indices(table, [("video_id", "ascending"), ("updated_at", "descending")])
+def delta_location(directory: str, s3: S3Config | None = None) -> tuple[str, dict[str, str] | None]:
+    """(table URI, storage options) for delta-rs. Credentials are not passed: delta-rs reads
+    them from the environment (AWS_*), like boto3 does."""
+    if not storage.is_s3(directory):
+        return os.path.abspath(directory), None
+    options = {"AWS_REGION": storage.region(s3)}
+    endpoint = storage.endpoint_url(s3)
+    if endpoint:
+        options["AWS_ENDPOINT_URL"] = endpoint
+        if endpoint.startswith("http://"):
+            options["AWS_ALLOW_HTTP"] = "true"
+    return directory.rstrip("/"), options
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`table` with exactly `schema`'s columns and types (columns it lacks become null)."""
+    columns = [
+        table.column(field.name).cast(field.type)
+        if field.name in table.column_names
+        else pa.nulls(table.num_rows, field.type)
+        for field in schema
+    ]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def legacy_parts(directory: str, s3: S3Config | None = None) -> list[str]:
+    """The old Parquet-log parts in a directory (before manifests were Delta tables)."""
+    return [f for f in storage.list_files(directory, s3, suffix=".parquet") if LEGACY_PART.search(f)]
+
+
+def newest_rows(table: pa.Table) -> pa.Table:
+    """The newest row (by updated_at) of every video."""
+    order = pc.sort_indices(table, [(KEY, "ascending"), ("updated_at", "descending")])
     table = table.take(order)
-    ids = table.column("video_id").to_pylist()
+    ids = table.column(KEY).to_pylist()
     keep = [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]]
     return table.take(pa.array(keep, pa.int64()))
 
 
-def compact_parts(directory: str, schema: pa.Schema, s3: S3Config | None = None) -> None:
-    """Rewrite a directory of parts as one part and drop the old parts.
+def _read_legacy(parts: list[str], schema: pa.Schema, s3: S3Config | None) -> pa.Table:
+    tables = [conform(storage.read_parquet(part, s3), schema) for part in parts]
+    return newest_rows(pa.concat_tables(tables)) if tables else schema.empty_table()
 
-    The new part is committed before old ones are deleted, so a kill in between leaves
-    duplicates that `read_newest` already resolves, never a loss.
-    """
-    parts = storage.list_files(directory, s3, suffix=".parquet")
-    if len(parts) <= 1:
-        return
-    name = f"part-{now_utc().strftime('%Y%m%dT%H%M%S%f')}-compact.parquet"
-    storage.write_parquet(read_newest(directory, schema, s3), storage.join(directory, name), s3)
-    for part in parts:
+
+def _existing_table(uri: str, options: dict[str, str] | None) -> Any:
+    """The Delta table at `uri`, or None. (Not `DeltaTable.is_deltatable`: it holds the GIL
+    through its S3 requests, which stalls an S3 endpoint served from this same process.)"""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        return DeltaTable(uri, storage_options=options)
+    except TableNotFoundError:
+        return None
+
+
+def _open_table(directory: str, schema: pa.Schema, s3: S3Config | None) -> Any:
+    """The directory's Delta table, created on first use. An old Parquet log found there is
+    converted (its newest row per video becomes the table's first version) and then removed:
+    existing outputs migrate automatically, and nothing is lost."""
+    from deltalake import write_deltalake
+    from deltalake.exceptions import DeltaError
+
+    uri, options = delta_location(directory, s3)
+    table = _existing_table(uri, options)
+    if table is None:
+        parts = legacy_parts(directory, s3)
+        try:
+            write_deltalake(uri, _read_legacy(parts, schema, s3), mode="error", storage_options=options)
+        except DeltaError:
+            if _existing_table(uri, options) is None:  # not a lost race: a real failure
+                raise
+        if parts:
+            log.info("converted %d Parquet-log parts of %s into a Delta table", len(parts), directory)
+        table = _existing_table(uri, options)
+    # Parts left by a conversion that died before removing them: the table already holds them.
+    for part in legacy_parts(directory, s3):
         storage.delete(part, s3)
+    return table
 
 
-def manifest_rows_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Manifest rows (dicts; missing columns become null) as a table with MANIFEST_SCHEMA."""
-    return rows_table(rows, MANIFEST_SCHEMA)
+def _readable_rows(table: Any, schema: pa.Schema, s3: S3Config | None) -> tuple[pa.Table, list[str]]:
+    """The rows of every data file of the table that can be read, and the files that cannot."""
+    readable, unreadable = [], []
+    for uri in table.file_uris():
+        part = storage.read_parquet_if_readable(uri, s3)
+        if part is None:
+            unreadable.append(uri)
+        else:
+            readable.append(conform(part, schema))
+    rows = pa.concat_tables(readable) if readable else schema.empty_table()
+    return rows, unreadable
 
 
-def append_manifest(output: str, rows: list[dict[str, Any]], s3: S3Config | None = None) -> None:
-    """Commit manifest rows as one new part file (atomic). The newest row per video wins."""
+def _is_table_error(error: Exception) -> bool:
+    from deltalake.exceptions import DeltaError
+
+    return isinstance(error, OSError | pa.ArrowException | DeltaError)
+
+
+def read_table(directory: str, schema: pa.Schema, s3: S3Config | None = None) -> pa.Table:
+    """A manifest's current rows, one per video (empty table if there is none yet).
+
+    A damaged data file is reported and skipped: its videos look new, so their stage redoes
+    them (and the next upsert repairs the table), rather than every later stage failing on it.
+    """
+    uri, options = delta_location(directory, s3)
+    try:
+        table = _existing_table(uri, options)
+        if table is None:
+            if not legacy_parts(directory, s3):
+                return schema.empty_table()
+            table = _open_table(directory, schema, s3)
+        try:
+            return conform(table.to_pyarrow_table(), schema)
+        except Exception as error:
+            if not _is_table_error(error):
+                raise
+            rows, unreadable = _readable_rows(table, schema, s3)
+            if not unreadable:
+                raise
+            log.warning("%s: skipped %d unreadable data files: %s", directory, len(unreadable), unreadable)
+            return rows
+    except Exception as error:  # a table that cannot be read at all is a storage error (exit 3)
+        if not _is_table_error(error) or isinstance(error, storage.StorageError):
+            raise
+        raise storage.StorageError(f"read table {directory}: {error}") from error
+
+
+def _repair(directory: str, schema: pa.Schema, s3: S3Config | None) -> bool:
+    """Rewrite a table without its unreadable data files (their rows are lost, and their
+    videos redone by their stage); False when every file reads fine."""
+    from deltalake import write_deltalake
+
+    uri, options = delta_location(directory, s3)
+    rows, unreadable = _readable_rows(_open_table(directory, schema, s3), schema, s3)
+    if not unreadable:
+        return False
+    log.warning(
+        "%s: rewriting the table without %d unreadable data files: %s", directory, len(unreadable), unreadable
+    )
+    write_deltalake(uri, rows, mode="overwrite", storage_options=options)
+    return True
+
+
+def upsert(directory: str, rows: pa.Table, s3: S3Config | None = None) -> None:
+    """Insert or replace these videos' rows in one atomic commit (a MERGE on video_id).
+
+    Concurrent writers are safe: a commit that loses a race is retried on the new version.
+    """
+    from deltalake.exceptions import CommitFailedError
+
+    if rows.num_rows == 0:
+        return
+    rows = newest_rows(rows)  # a MERGE source holds each key once
+    for attempt in range(1, UPSERT_TRIES + 1):
+        try:
+            table = _open_table(directory, rows.schema, s3)
+            (
+                table.merge(rows, f"t.{KEY} = s.{KEY}", source_alias="s", target_alias="t", merge_schema=True)
+                .when_matched_update_all()
+                .when_not_matched_insert_all()
+                .execute()
+            )
+            return
+        except CommitFailedError as error:
+            if attempt == UPSERT_TRIES:
+                raise storage.StorageError(f"commit to {directory}: {error}") from error
+            time.sleep(random.uniform(0, min(2.0, 0.05 * 2**attempt)))
+        except Exception as error:
+            if not _is_table_error(error) or isinstance(error, storage.StorageError):
+                raise
+            if not _repair(directory, rows.schema, s3):  # not a damaged file: nothing to repair
+                raise storage.StorageError(f"commit to {directory}: {error}") from error
+
+
+def maintain(directory: str, s3: S3Config | None = None) -> None:
+    """After a stage's commits: compact a table that has many small files, and delete files
+    the table stopped using more than a week ago (Delta's default retention, which keeps
+    slower readers and time travel safe). Nothing is written when there is nothing to do."""
+    table = _existing_table(*delta_location(directory, s3))
+    if table is None:
+        return
+    if len(table.file_uris()) > MAX_FILES:
+        table.optimize.compact()
+    table.vacuum(dry_run=False)
+
+
+def upsert_manifest(output: str, rows: list[dict[str, Any]], s3: S3Config | None = None) -> None:
+    """Commit these videos' current `videos/` rows (dicts; missing columns become null)."""
     if rows:
-        append_parts(Layout(output).videos, manifest_rows_table(rows), s3)
+        upsert(Layout(output).videos, rows_table(rows, MANIFEST_SCHEMA), s3)
 
 
 def read_manifest(output: str, s3: S3Config | None = None) -> pa.Table:
-    """The current manifest: the newest committed row of every video (empty table if none)."""
-    return read_newest(Layout(output).videos, MANIFEST_SCHEMA, s3)
+    """The current manifest: one row per video (empty table if none)."""
+    return read_table(Layout(output).videos, MANIFEST_SCHEMA, s3)
 
 
-def compact_manifest(output: str, s3: S3Config | None = None) -> None:
-    """Rewrite the manifest as one part and drop the old parts (see `compact_parts`)."""
-    compact_parts(Layout(output).videos, MANIFEST_SCHEMA, s3)
-
-
-def append_tokens_manifest(
+def upsert_tokens_manifest(
     output: str,
     codebook_version: str,
     tokenizer_version: str,
@@ -296,23 +470,15 @@ def append_tokens_manifest(
     """Record what these videos' token files were made from (after the files are written)."""
     if rows:
         directory = Layout(output).tokens_manifest(codebook_version, tokenizer_version)
-        append_parts(directory, rows_table(rows, TOKENS_MANIFEST_SCHEMA), s3)
+        upsert(directory, rows_table(rows, TOKENS_MANIFEST_SCHEMA), s3)
 
 
 def read_tokens_manifest(
     output: str, codebook_version: str, tokenizer_version: str, s3: S3Config | None = None
 ) -> pa.Table:
-    """The newest tokens-manifest row of every video for one token version (empty if none)."""
+    """The tokens-manifest row of every video for one token version (empty if none)."""
     directory = Layout(output).tokens_manifest(codebook_version, tokenizer_version)
-    return read_newest(directory, TOKENS_MANIFEST_SCHEMA, s3)
-
-
-def compact_tokens_manifest(
-    output: str, codebook_version: str, tokenizer_version: str, s3: S3Config | None = None
-) -> None:
-    """Rewrite one token version's manifest as one part (see `compact_parts`)."""
-    directory = Layout(output).tokens_manifest(codebook_version, tokenizer_version)
-    compact_parts(directory, TOKENS_MANIFEST_SCHEMA, s3)
+    return read_table(directory, TOKENS_MANIFEST_SCHEMA, s3)
 
 
 def read_features(output: str, s3: S3Config | None = None, video_ids: list[str] | None = None) -> pa.Table:
@@ -323,7 +489,11 @@ def read_features(output: str, s3: S3Config | None = None, video_ids: list[str] 
     if video_ids is not None:
         wanted = [v for v in wanted if v in set(video_ids)]
     layout = Layout(output)
-    tables = [storage.read_parquet(layout.features_file(v), s3) for v in wanted]
+    tables = [
+        t
+        for t in (storage.read_parquet_if_readable(layout.features_file(v), s3) for v in wanted)
+        if t is not None
+    ]
     if not tables:
         return FEATURES_SCHEMA.empty_table()
     table = pa.concat_tables([t.cast(FEATURES_SCHEMA) for t in tables])
@@ -333,9 +503,13 @@ def read_features(output: str, s3: S3Config | None = None, video_ids: list[str] 
 def read_embeddings(directory: str, s3: S3Config | None = None) -> pa.Table:
     """Committed embeddings of one model version (videos whose embed manifest row is `ok`)."""
     layout = EmbeddingLayout(directory)
-    manifest = read_newest(layout.manifest, EMBED_MANIFEST_SCHEMA, s3)
+    manifest = read_table(layout.manifest, EMBED_MANIFEST_SCHEMA, s3)
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok")).column("video_id").to_pylist()
-    parts = [storage.read_parquet(layout.data_file(v), s3).cast(EMBEDDINGS_SCHEMA) for v in ok]
+    parts = [
+        t.cast(EMBEDDINGS_SCHEMA)
+        for t in (storage.read_parquet_if_readable(layout.data_file(v), s3) for v in ok)
+        if t is not None
+    ]
     if not parts:
         return EMBEDDINGS_SCHEMA.empty_table()
     return pa.concat_tables(parts).sort_by("video_id")

@@ -28,12 +28,13 @@ from videobert.results import CodebookResult, TokenizeResult, TokenizerResult, f
 from videobert.tables import (
     FEATURE_DIM,
     TOKENS_SCHEMA,
+    TRANSIENT,
     Layout,
-    append_manifest,
-    append_tokens_manifest,
-    compact_tokens_manifest,
+    maintain,
     read_manifest,
     read_tokens_manifest,
+    upsert_manifest,
+    upsert_tokens_manifest,
 )
 from videobert.text_tokenizer import TextTokenizer
 from videobert.transcripts import Sentence, TranscriptError, parse_transcript, to_sentences
@@ -366,19 +367,19 @@ def record_tokenized(config: ExperimentConfig, plan: TokenizePlan, statuses: lis
     updates = []
     for status in statuses:
         row = {k: v for k, v in rows_by_id[status["video_id"]].items() if k != "updated_at"}
-        if status["error"]:
-            updates.append({**row, "status": "error", "error": status["error"]})
+        if status["error"]:  # unreadable features: extract redoes the video on its next run
+            updates.append({**row, "status": "error", "error": status["error"], "error_kind": TRANSIENT})
         elif (status["transcript_error"] or None) != (row.get("transcript_error") or None):
             updates.append({**row, "transcript_error": status["transcript_error"]})
-    append_manifest(output, updates, s3)
+    upsert_manifest(output, updates, s3)
     made = [
         {"video_id": s["video_id"], **plan.inputs[s["video_id"]], "segments": int(s["segments"])}
         for s in statuses
         if not s["error"]
     ]
     codebook_version, tokenizer_version = result.codebook.version, result.tokenizer.version
-    append_tokens_manifest(output, codebook_version, tokenizer_version, made, s3)
-    compact_tokens_manifest(output, codebook_version, tokenizer_version, s3)
+    upsert_tokens_manifest(output, codebook_version, tokenizer_version, made, s3)
+    maintain(Layout(output).tokens_manifest(codebook_version, tokenizer_version), s3)
     # A video whose features cannot be read now must not keep tokens made from older ones.
     for status in statuses:
         if status["error"] and status["video_id"] in plan.existing_files:

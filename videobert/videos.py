@@ -80,12 +80,16 @@ def is_up_to_date(
     row: dict[str, Any] | None, video: dict[str, Any], retry_errors: bool, **expected: Any
 ) -> bool:
     """The one skip rule: the manifest row is for this very object (same ETag) and made with
-    the `expected` settings (e.g. encoder), and it is `ok`, or an error not to be retried."""
+    the `expected` settings (e.g. encoder), and it is `ok`, or a permanent error (the object
+    fails the same way every time) while `retry_errors` is off. Transient errors (storage
+    time-outs, a killed worker) and rows from before errors had a kind are always retried."""
     if row is None or row["etag"] != video["etag"]:
         return False
     if any(row.get(name) != value for name, value in expected.items()):
         return False
-    return row["status"] == "ok" or not retry_errors
+    if row["status"] == "ok":
+        return True
+    return row.get("error_kind") == tables.PERMANENT and not retry_errors
 
 
 def videos_to_do(
@@ -108,7 +112,7 @@ def decode_video(video: dict[str, Any], decode: DecodeConfig, s3: S3Config) -> I
     """
     base = {"video_id": video["video_id"], "start_s": 0.0, "end_s": 0.0}
     emitted = 0
-    info: dict[str, Any] = {"status": "ok", "error": None}
+    info: dict[str, Any] = {"status": "ok", "error": None, "error_kind": None}
     clips = iter_clips(video["source_uri"], decode, s3)
     try:
         while True:
@@ -133,17 +137,19 @@ def decode_video(video: dict[str, Any], decode: DecodeConfig, s3: S3Config) -> I
                 "info": "",
             }
             emitted += 1
-    except DecodeError as error:
-        info.update(status="error", error=f"decode: {error.reason}")
-    except storage.StorageError as error:
-        info.update(status="error", error=f"read: {error}")
-    except Exception as error:  # anything unforeseen is still a row, with enough to debug it
-        info.update(status="error", error=f"decode: unexpected {type(error).__name__}: {error}")
+    except DecodeError as error:  # the file itself: not a video, over a bound
+        info.update(status="error", error=f"decode: {error.reason}", error_kind=tables.PERMANENT)
+    except storage.StorageError as error:  # the storage, not the file: try again next run
+        info.update(status="error", error=f"read: {error}", error_kind=tables.TRANSIENT)
+    except Exception as error:  # unforeseen, but this file's doing: still a row, with enough to debug
+        reason = f"decode: unexpected {type(error).__name__}: {error}"
+        info.update(status="error", error=reason, error_kind=tables.PERMANENT)
         log.warning("unexpected error decoding %s:\n%s", video["source_uri"], traceback.format_exc())
     if info["status"] == "ok" and emitted == 0:
         info.update(
             status="error",
             error=f"decode: shorter than one clip ({decode.clip_seconds:.2f} s at {decode.fps:g} fps)",
+            error_kind=tables.PERMANENT,
         )
     info["emitted"] = emitted
     yield {**base, "kind": END, "clip_index": -1, "frames": b"", "info": json.dumps(info)}
@@ -232,6 +238,14 @@ class DecodedVideo:
         clip_errors = sorted({str(c["error"]) for c in self.clips.values() if c.get("error")})
         return clip_errors[0] if clip_errors else None
 
+    @property
+    def error_kind(self) -> str | None:
+        """permanent or transient (see tables.ERROR_KINDS); None when the video is ok.
+        A failed forward pass (e.g. out of GPU memory) is the worker's trouble: transient."""
+        if self.error is None:
+            return None
+        return self.end.get("error_kind") or tables.TRANSIENT
+
     def ordered_clips(self) -> list[dict[str, Any]]:
         return [self.clips[i] for i in sorted(self.clips)]
 
@@ -273,27 +287,44 @@ class ClipGatherer:
             got = len(self.clips.get(vid, {}))
             want = self.ends.get(vid, {}).get("emitted", "?")
             error = f"{stage}: incomplete results ({got} of {want} clips)"
-            left.append(DecodedVideo(vid, {"status": "error", "error": error}, {}))
+            left.append(
+                DecodedVideo(vid, {"status": "error", "error": error, "error_kind": tables.TRANSIENT}, {})
+            )
         self.clips, self.ends = {}, {}
         return left
 
 
+# Columns that say when and by whom, not what: a row that differs only in them is not news.
+BOOKKEEPING_COLUMNS = frozenset({"run_id", "updated_at"})
+
+
+def same_row(new: dict[str, Any], current: dict[str, Any] | None) -> bool:
+    """Whether committing `new` would change nothing but bookkeeping in `current`."""
+    if current is None:
+        return False
+    return all(current.get(k) == v for k, v in new.items() if k not in BOOKKEEPING_COLUMNS)
+
+
 class ManifestCommitter:
     """Commits one video at a time: its output file first (atomic, deterministic name), then
-    its manifest row, buffered and appended every `flush_every` videos. Readers go through the
-    manifest, so a kill at any point leaves only committed work visible."""
+    its manifest row, buffered and upserted every `flush_every` videos. Readers go through the
+    manifest, so a kill at any point leaves only committed work visible. A row equal to the
+    video's `current` one (a transient error that failed the same way again) is not rewritten:
+    a rerun over unchanged inputs writes nothing."""
 
     def __init__(
         self,
-        append_rows: Callable[[list[dict[str, Any]]], None],
+        upsert_rows: Callable[[list[dict[str, Any]]], None],
         flush_every: int,
         summary: VideoStageSummary,
         s3: S3Config,
+        current: dict[str, dict[str, Any]] | None = None,
     ) -> None:
-        self.append_rows = append_rows
+        self.upsert_rows = upsert_rows
         self.flush_every = flush_every
         self.summary = summary
         self.s3 = s3
+        self.current = current or {}
         self.pending_rows: list[dict[str, Any]] = []
 
     def commit(
@@ -316,13 +347,14 @@ class ManifestCommitter:
             self.summary.error += 1
             self.summary.errors[video["source_uri"]] = error
             log.warning("%s: %s", video["source_uri"], error)
-        self.pending_rows.append(manifest_row)
+        if not same_row(manifest_row, self.current.get(video["video_id"])):
+            self.pending_rows.append(manifest_row)
         if len(self.pending_rows) >= self.flush_every:
             self.flush()
 
     def flush(self) -> None:
         if self.pending_rows:
-            self.append_rows(self.pending_rows)
+            self.upsert_rows(self.pending_rows)
             self.pending_rows = []
 
 
@@ -353,6 +385,7 @@ def extract_manifest_row(
         **{k: video[k] for k in ("video_id", "source_uri", "etag", "size", "transcript_uri")},
         "status": "ok" if error is None else "error",
         "error": error,
+        "error_kind": decoded.error_kind,
         "encoder": encoder,
         "run_id": run_id,
         "num_clips": 0 if error else len(decoded.clips),
@@ -390,7 +423,7 @@ def gather_videos(
     yield from gatherer.leftovers(stage)
     for vid in sorted(set(expected) - seen):
         reason = f"{stage}: decoder killed (out of memory or a lost node) after {tries} tries"
-        yield DecodedVideo(vid, {"status": "error", "error": reason}, {})
+        yield DecodedVideo(vid, {"status": "error", "error": reason, "error_kind": tables.TRANSIENT}, {})
 
 
 @dataclass
@@ -403,6 +436,8 @@ class ExtractPlan:
     """Videos to decode: new, changed, extracted with another encoder, or failed (retried)."""
     relinked: list[dict[str, Any]]
     """Manifest rows to rewrite: extracted videos whose transcript sidecar changed."""
+    manifest: dict[str, dict[str, Any]]
+    """video_id -> its current manifest row."""
 
 
 def plan_extract(config: ExperimentConfig, encoder: str) -> ExtractPlan:
@@ -414,20 +449,26 @@ def plan_extract(config: ExperimentConfig, encoder: str) -> ExtractPlan:
     extracted = [
         v for v in videos if v["video_id"] not in todo_ids and manifest[v["video_id"]]["status"] == "ok"
     ]
-    return ExtractPlan(videos, todo, relinked_rows(manifest, extracted))
+    return ExtractPlan(videos, todo, relinked_rows(manifest, extracted), manifest)
 
 
 class ExtractCommitter(ManifestCommitter):
     """Commits each decoded video of an extract run: its features file, then its manifest row."""
 
     def __init__(
-        self, config: ExperimentConfig, videos: list[dict[str, Any]], summary: VideoStageSummary, encoder: str
+        self,
+        config: ExperimentConfig,
+        videos: list[dict[str, Any]],
+        summary: VideoStageSummary,
+        encoder: str,
+        current: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         super().__init__(
-            lambda rows: tables.append_manifest(config.output, rows, config.s3),
+            lambda rows: tables.upsert_manifest(config.output, rows, config.s3),
             config.extract.manifest_flush_every,
             summary,
             config.s3,
+            current,
         )
         self.videos = {v["video_id"]: v for v in videos}
         self.layout = tables.Layout(config.output)
