@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import ast
+import base64
+import configparser
+import copy
+import functools
+import importlib.util
+import json
+import os
 import re
+import secrets
+import signal
+import subprocess
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections import defaultdict
 from collections.abc import Iterator
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 import yaml
 
 from pipelines.cli import STAGES
+from tests.conftest import BIN, free_port, wait_for_http
 
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_ROOT = "/app/"  # WORKDIR of infra/Dockerfile: the repo's files live here in the image
@@ -307,3 +324,383 @@ def test_dockerfile_references_exist() -> None:
 def test_stage_modules_named_in_cli_exist(module: str) -> None:
     """Every stage the CLI dispatches to is a module with main() (strict, like the manifests)."""
     assert module_has_main(module), f"pipelines/{module}.py with a main() is missing"
+
+
+# --- Pod security ---------------------------------------------------------------------------
+
+IMAGE_USER = re.compile(r"^USER (\d+):(\d+)$", re.MULTILINE)
+
+
+def pod_specs(node: Any) -> Iterator[dict]:
+    """Every pod spec in a manifest, whatever the kind nests it under (a dict with containers)."""
+    if isinstance(node, dict):
+        if isinstance(node.get("containers"), list):
+            yield node
+        for value in node.values():
+            yield from pod_specs(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from pod_specs(item)
+
+
+def security_problems(pod: dict, where: str) -> Iterator[str]:
+    """What breaks the rule: non-root, no privilege escalation, no capabilities."""
+    pod_context = pod.get("securityContext") or {}
+    for container in [*pod.get("initContainers", []), *pod["containers"]]:
+        name = f"{where}:{container['name']}"
+        context = {**pod_context, **(container.get("securityContext") or {})}
+        if context.get("runAsNonRoot") is not True:
+            yield f"{name}: runAsNonRoot is not true"
+        if not context.get("runAsUser"):
+            yield f"{name}: no runAsUser (or 0)"
+        if context.get("allowPrivilegeEscalation") is not False:
+            yield f"{name}: allowPrivilegeEscalation is not false"
+        if context.get("privileged"):
+            yield f"{name}: privileged"
+        if "ALL" not in (context.get("capabilities") or {}).get("drop", []):
+            yield f"{name}: capabilities not dropped (drop: [ALL])"
+        if (context.get("capabilities") or {}).get("add"):
+            yield f"{name}: adds capabilities"
+
+
+def test_every_pod_runs_non_root_without_privileges() -> None:
+    image_user = IMAGE_USER.findall((REPO / "infra" / "Dockerfile").read_text())
+    assert len(image_user) == 1, "the Dockerfile sets its user once, by number (USER uid:gid)"
+    uid, gid = (int(n) for n in image_user[0])
+    assert uid != 0
+    for path in MANIFESTS:
+        if path.name == "ray_cluster.yaml":
+            continue
+        for doc in load_all(path):
+            where = f"{path.name}:{doc['kind']}/{doc['metadata']['name']}"
+            pods = list(pod_specs(doc))
+            if doc["kind"] in ("Deployment", "StatefulSet", "CronJob", "RayJob", "RayCronJob"):
+                assert len(pods) == 1, where
+            if doc["kind"] == "RayCluster":
+                assert len(pods) == 1 + len(doc["spec"]["workerGroupSpecs"]), where
+                # KubeRay adds the autoscaler sidecar to the head pod with this securityContext
+                head = doc["spec"]["headGroupSpec"]["template"]["spec"]
+                sidecar = {
+                    "name": "autoscaler",
+                    "securityContext": doc["spec"]["autoscalerOptions"].get("securityContext"),
+                }
+                pods.append({**head, "containers": [sidecar]})
+            for pod in pods:
+                assert list(security_problems(pod, where)) == []
+                if any("videobert:" in container.get("image", "") for container in pod["containers"]):
+                    context = pod.get("securityContext") or {}
+                    assert (context.get("runAsUser"), context.get("runAsGroup")) == (uid, gid), (
+                        f"{where}: the pipeline image runs as its own user {uid}:{gid}"
+                    )
+    # the check itself catches a bare pod and a root one
+    assert len(list(security_problems({"containers": [{"name": "c"}]}, "bare"))) == 4
+    root = {"securityContext": {"runAsNonRoot": True, "runAsUser": 0}, "containers": [{"name": "c"}]}
+    assert "root:c: no runAsUser (or 0)" in security_problems(root, "root")
+
+
+# --- The MLflow server, started the way infra/kubernetes/mlflow.yaml starts it -------------
+
+MLFLOW_MANIFEST = REPO / "infra" / "kubernetes" / "mlflow.yaml"
+K8S_VAR = re.compile(r"\$\((\w+)\)")
+
+
+def find_object(path: Path, kind: str, name: str) -> dict:
+    (found,) = [doc for doc in load_all(path) if doc["kind"] == kind and doc["metadata"]["name"] == name]
+    return found
+
+
+def container_env(container: dict, secret: dict[tuple[str, str], str]) -> dict[str, str]:
+    """A container's environment as Kubernetes builds it: Secret values, then $(VAR) expansion."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = K8S_VAR.sub(lambda m: env.get(m.group(1), m.group(0)), item["value"])
+        else:
+            ref = item["valueFrom"]["secretKeyRef"]
+            env[item["name"]] = secret[(ref["name"], ref["key"])]
+    return env
+
+
+def with_option(argv: list[str], option: str, value: str) -> list[str]:
+    """`argv` with the value after `option` replaced (the option must be there)."""
+    assert option in argv, f"{option} missing from {argv}"
+    index = argv.index(option) + 1
+    return [*argv[:index], value, *argv[index + 1 :]]
+
+
+def http_status(url: str, host: str, user: tuple[str, str] | None = None) -> int:
+    request = urllib.request.Request(url)
+    request.add_header("Host", host)  # what a client in the cluster sends
+    if user:
+        request.add_header("Authorization", "Basic " + base64.b64encode(":".join(user).encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+@dataclass
+class ManifestMlflow:
+    url: str  # where it listens here
+    env: dict[str, str]  # the server's environment, as the pod would have it (store made local)
+
+
+@pytest.fixture
+def manifest_mlflow(tmp_path: Path) -> Iterator[ManifestMlflow]:
+    """The MLflow Deployment's init containers and server, run here as the manifest runs them.
+
+    Only what is local changes: the store (SQLite instead of PostgreSQL), the artifact
+    destination, the bind address and port, and the pod's volumes (a temp directory each).
+    Every Secret key gets a random value.
+    """
+    pod = find_object(MLFLOW_MANIFEST, "Deployment", "mlflow")["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    argv = [*server["command"], *server.get("args", [])]
+    if "basic-auth" in argv and importlib.util.find_spec("flask_wtf") is None:
+        pytest.skip("MLflow's basic-auth app needs mlflow[auth] (Flask-WTF) in this environment")
+    volumes = {volume["name"]: tmp_path / volume["name"] for volume in pod.get("volumes", [])}
+    secret: dict[tuple[str, str], str] = defaultdict(lambda: secrets.token_hex(24))
+    port = free_port()
+    argv = with_option(argv, "--host", "127.0.0.1")
+    argv = with_option(argv, "--port", str(port))
+    argv = with_option(argv, "--artifacts-destination", str(tmp_path / "artifacts"))
+    if (BIN / argv[0]).exists():
+        argv[0] = str(BIN / argv[0])  # this environment's mlflow, not one on PATH
+
+    def local_env(container: dict) -> dict[str, str]:
+        env = container_env(container, secret)
+        assert env["MLFLOW_BACKEND_STORE_URI"].startswith("postgresql://")
+        env["MLFLOW_BACKEND_STORE_URI"] = f"sqlite:///{tmp_path}/mlflow.db"
+        for mount in container.get("volumeMounts", []):
+            volumes[mount["name"]].mkdir(exist_ok=True)
+            for name, value in env.items():
+                if value.startswith(mount["mountPath"] + "/"):
+                    env[name] = str(volumes[mount["name"]]) + value[len(mount["mountPath"]) :]
+        # none of this machine's MLflow settings (e.g. MLFLOW_SERVER_ALLOWED_HOSTS) leaks in
+        base = {key: value for key, value in os.environ.items() if not key.startswith("MLFLOW_")}
+        return {**base, **env}
+
+    for init in pod.get("initContainers", []):
+        subprocess.run([*init["command"], *init.get("args", [])], env=local_env(init), check=True, timeout=60)
+    env = local_env(server)
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(
+        argv,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "wb"),  # noqa: SIM115 - closed with the process
+        start_new_session=True,  # so that its workers stop with it
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        # ~15 s of CPU (the CLI, then two workers importing MLflow): slow on a busy machine
+        wait_for_http(f"{url}/health", timeout=300)
+        assert process.poll() is None, log.read_text()[-3000:]
+        yield ManifestMlflow(url=url, env=env)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+MLFLOW_CLIENT_ENV = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+def ray_env(name: str) -> dict:
+    """One env entry of the Ray head container (every Ray pod gets the same list)."""
+    cluster = find_object(REPO / "infra" / "kuberay" / "raycluster.yaml", "RayCluster", "videobert")
+    (head,) = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    (entry,) = [item for item in head["env"] if item["name"] == name]
+    return entry
+
+
+def in_cluster_hosts() -> set[str]:
+    """The Host headers MLflow gets in the cluster: the Ray pods' MLFLOW_TRACKING_URI and every
+    DNS name of the Service, with its port."""
+    hosts = {urllib.parse.urlsplit(ray_env("MLFLOW_TRACKING_URI")["value"]).netloc}
+    service = find_object(MLFLOW_MANIFEST, "Service", "mlflow")
+    name, namespace = service["metadata"]["name"], service["metadata"]["namespace"]
+    (port,) = [entry["port"] for entry in service["spec"]["ports"]]
+    for dns in (
+        name,
+        f"{name}.{namespace}",
+        f"{name}.{namespace}.svc",
+        f"{name}.{namespace}.svc.cluster.local",
+    ):
+        hosts.add(f"{dns}:{port}")
+    return hosts
+
+
+def test_mlflow_server_answers_the_cluster_and_refuses_other_hosts(manifest_mlflow: ManifestMlflow) -> None:
+    """MLflow 3 answers 403 to a Host header it does not allow: the cluster's names must pass,
+    every API call must need a user, and a user must get through."""
+    api = f"{manifest_mlflow.url}/api/2.0/mlflow/experiments/search?max_results=1"
+    hosts = in_cluster_hosts()
+    assert "mlflow.videobert.svc.cluster.local:5000" in hosts
+    for host in sorted(hosts):
+        # 401, not 403: the Host check let it through, and basic auth asks for a user
+        status = http_status(api, host)
+        assert status != 403, f"Host {host} refused: --allowed-hosts must list the in-cluster names"
+        assert status == 401, f"Host {host}: an API call without a user got {status}"
+    auth = configparser.ConfigParser()
+    auth.read(manifest_mlflow.env["MLFLOW_AUTH_CONFIG_PATH"])  # as the init container wrote it
+    admin = (
+        manifest_mlflow.env.get("MLFLOW_AUTH_ADMIN_USERNAME") or auth["mlflow"]["admin_username"],
+        manifest_mlflow.env["MLFLOW_AUTH_ADMIN_PASSWORD"],
+    )
+    ray_host = urllib.parse.urlsplit(ray_env("MLFLOW_TRACKING_URI")["value"]).netloc
+    assert http_status(api, ray_host, admin) == 200
+    # the Ray pods are a user too, with the credentials from a Secret
+    assert all("secretKeyRef" in ray_env(name).get("valueFrom", {}) for name in MLFLOW_CLIENT_ENV)
+    # A name nobody listed (DNS rebinding, a stray ingress) is refused, with a user or without.
+    assert http_status(api, "evil.example.com:5000", admin) == 403
+    assert http_status(api, "mlflow.other-namespace.svc.cluster.local:5000") == 403
+    # /health is exempt from both: the readiness probe (Host: the pod's IP) passes regardless.
+    assert http_status(f"{manifest_mlflow.url}/health", "10.1.2.3:5000") == 200
+
+
+# --- Schemas: KubeRay's CRDs and Ray's cluster-launcher schema ------------------------------
+
+KUBERAY_SCHEMAS = REPO / "tests" / "schemas" / "kuberay"  # vendored; see the README there
+KUBERAY_KINDS = {"RayCluster": "raycluster", "RayJob": "rayjob", "RayCronJob": "raycronjob"}
+
+
+def strict(schema: Any) -> Any:
+    """A CRD schema that rejects unknown fields, as `kubectl apply` (strict field validation)
+    does; the API server would otherwise drop them without a word."""
+    if isinstance(schema, dict):
+        schema = {key: strict(value) for key, value in schema.items()}
+        if (
+            "properties" in schema
+            and "additionalProperties" not in schema
+            and not schema.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            schema["additionalProperties"] = False
+        return schema
+    if isinstance(schema, list):
+        return [strict(item) for item in schema]
+    return schema
+
+
+@functools.cache
+def kuberay_validator(kind: str) -> jsonschema.Draft7Validator:
+    schema = json.loads((KUBERAY_SCHEMAS / f"{KUBERAY_KINDS[kind]}.json").read_text())
+    return jsonschema.Draft7Validator(strict(schema))
+
+
+def schema_errors(doc: dict) -> list[str]:
+    errors = kuberay_validator(doc["kind"]).iter_errors(doc)
+    return [f"{'.'.join(map(str, error.absolute_path))}: {error.message[:200]}" for error in errors]
+
+
+def test_kuberay_manifests_match_the_kuberay_crds() -> None:
+    seen = set()
+    for path in sorted((REPO / "infra" / "kuberay").glob("*.yaml")):
+        for doc in load_all(path):
+            if doc["apiVersion"].startswith("ray.io/"):
+                assert doc["apiVersion"] == "ray.io/v1" and doc["kind"] in KUBERAY_KINDS, path.name
+                assert schema_errors(doc) == [], path.name
+                seen.add(doc["kind"])
+    assert seen == set(KUBERAY_KINDS)
+    # the strict schemas catch what the API server would drop or refuse
+    (cron,) = load_all(REPO / "infra" / "kuberay" / "raycronjob-run.yaml")
+    assert schema_errors({**cron, "spec": {**cron["spec"], "concurrencyPolicy": "Forbid"}})
+    (job,) = load_all(REPO / "infra" / "kuberay" / "rayjob-run.yaml")
+    assert schema_errors({**job, "spec": {**job["spec"], "entryPoint": "python x.py"}})
+    assert schema_errors({**job, "spec": {**job["spec"], "shutdownAfterJobFinishes": "no"}})
+
+
+def test_ray_cluster_yaml_matches_rays_schema() -> None:
+    """What `ray up` checks before it starts anything: Ray's defaults filled in, then its
+    schema (ray/autoscaler/ray-schema.json) and its own consistency checks."""
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = load_all(REPO / "ray_cluster.yaml")[0]
+    validate_config(prepare_config(copy.deepcopy(config)))
+    with pytest.raises(jsonschema.ValidationError):  # the schema does reject an unknown key
+        validate_config(prepare_config({**copy.deepcopy(config), "head_setup_command": []}))
+
+
+# --- Network exposure --------------------------------------------------------------------------
+
+WORLD = ("0.0.0.0/0", "::/0")
+
+
+def test_ray_up_opens_nothing_to_the_world(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without SecurityGroupIds `ray up` makes its own group with SSH open to 0.0.0.0/0 (and
+    `provider.security_group` only adds rules to it): every node type must name a group."""
+    from ray.autoscaler._private.aws import config as aws_config
+
+    config = load_all(REPO / "ray_cluster.yaml")[0]
+    for name, node in config["available_node_types"].items():
+        assert node["node_config"].get("SecurityGroupIds"), f"{name}: no SecurityGroupIds"
+    for rule in config["provider"].get("security_group", {}).get("IpPermissions", []):
+        ranges = [r.get("CidrIp") for r in rule.get("IpRanges", [])]
+        ranges += [r.get("CidrIpv6") for r in rule.get("Ipv6Ranges", [])]
+        assert not set(ranges) & set(WORLD), rule
+
+    # Ray's own step: with a group named for every node type it creates and changes nothing
+    def no_aws(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("ray up would create or change a security group")
+
+    monkeypatch.setattr(aws_config, "_resource", no_aws)
+    monkeypatch.setattr(aws_config, "_client", no_aws)
+    configured = aws_config._configure_security_group(copy.deepcopy(config))
+    assert configured["available_node_types"] == config["available_node_types"]
+    # and the group Ray would otherwise make is the one that opens SSH to the world
+    assert aws_config._create_default_ssh_inbound_rules()[0]["IpRanges"] == [{"CidrIp": "0.0.0.0/0"}]
+    # the group's rules, as infra/README.md makes them, admit no one from outside
+    readme = (REPO / "infra" / "README.md").read_text().replace("\\\n", " ")
+    rules = [line for line in readme.splitlines() if "authorize-security-group-ingress" in line]
+    assert rules and not [rule for rule in rules if any(cidr in rule for cidr in WORLD)]
+
+
+def labels_match(selector: dict, labels: dict) -> bool:
+    return bool(selector.get("matchLabels")) and selector["matchLabels"].items() <= labels.items()
+
+
+def test_only_the_ray_pods_reach_mlflow_and_only_mlflow_reaches_its_database() -> None:
+    docs = load_all(MLFLOW_MANIFEST)
+    policies = [doc for doc in docs if doc["kind"] == "NetworkPolicy"]
+    cluster = find_object(REPO / "infra" / "kuberay" / "raycluster.yaml", "RayCluster", "videobert")
+    ray_pod_labels = {"ray.io/cluster": cluster["metadata"]["name"]}  # KubeRay sets it on every pod
+    mlflow_labels = find_object(MLFLOW_MANIFEST, "Deployment", "mlflow")["spec"]["template"]["metadata"][
+        "labels"
+    ]
+    allowed = {"mlflow": ray_pod_labels, "mlflow-postgres": mlflow_labels}
+    for workload in [doc for doc in docs if doc["kind"] in ("Deployment", "StatefulSet")]:
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        mine = [policy for policy in policies if labels_match(policy["spec"]["podSelector"], labels)]
+        assert mine, f"{workload['metadata']['name']}: no NetworkPolicy selects its pods"
+        for policy in mine:
+            assert "Ingress" in policy["spec"]["policyTypes"]
+            for rule in policy["spec"].get("ingress", []):
+                # a rule without `from` admits every source
+                assert rule.get("from"), f"{policy['metadata']['name']}: ingress from anywhere"
+                for source in rule["from"]:
+                    assert set(source) == {"podSelector"}, source  # no namespace or IP block
+                    assert labels_match(source["podSelector"], allowed[workload["metadata"]["name"]])
+
+
+# --- Scheduled runs never overlap ------------------------------------------------------------
+
+
+def test_scheduled_runs_never_overlap() -> None:
+    """`concurrencyPolicy: Forbid` where the kind has one; where it has none (RayCronJob, by its
+    CRD) the pipeline's lease under `output` is the guard, and the deployment guide says so."""
+    cron_spec = json.loads((KUBERAY_SCHEMAS / "raycronjob.json").read_text())["properties"]["spec"]
+    assert "concurrencyPolicy" not in cron_spec["properties"], "RayCronJob has one now: set it to Forbid"
+    paragraphs = (REPO / "infra" / "README.md").read_text().split("\n\n")
+    for path in MANIFESTS:
+        for doc in load_all(path):
+            if isinstance(doc, dict) and doc.get("kind") == "CronJob":
+                assert doc["spec"]["concurrencyPolicy"] == "Forbid", path.name
+            if isinstance(doc, dict) and doc.get("kind") == "RayCronJob":
+                assert "concurrencyPolicy" not in doc["spec"]
+                assert any("RayCronJob" in part and "lease" in part for part in paragraphs), (
+                    "infra/README.md must say that the lease guards the RayCronJob"
+                )
