@@ -315,6 +315,8 @@ def promote(client: MlflowClient, model_name: str, version: str, metric: str) ->
     decision = PromotionDecision(
         model_name, version, metric, candidate_score, champion_version, champion_score, promoted, reason
     )
+    # The champion promoted again: its recorded promotion stands, and a rerun writes nothing.
+    standing = champion_version == version and recorded.get("promotion.decision") == "promoted"
     for key, value in {
         "promotion.decision": "promoted"
         if promoted
@@ -327,7 +329,7 @@ def promote(client: MlflowClient, model_name: str, version: str, metric: str) ->
         "promotion.champion_version": champion_version or "",
         "promotion.champion_score": "" if champion_score is None else f"{champion_score:.6f}",
     }.items():
-        if recorded.get(key) != value:  # a rerun that decides the same writes nothing
+        if recorded.get(key) != value and not standing:
             client.set_model_version_tag(model_name, version, key, value)
     return decision
 
