@@ -256,6 +256,7 @@ SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
         ("train.storage_path", f"s3://key:{SECRET}@bucket/train"),
         ("decode.transcript_extensions", f"vtt, http://u:{SECRET}@x/"),
     ],
+    ids=lambda item: item if "://" not in item else "uri",  # test ids hold no secret either
 )
 def test_credentials_in_any_uri_are_refused_without_echoing_them(
     key: str, value: str, tmp_path: Path

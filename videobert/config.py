@@ -47,7 +47,7 @@ CREDENTIALS_HELP = (
     "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
 )
 
-URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+CHECKED_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 """Environment variables read as URIs: checked like config values (`check_environment`)."""
 
 
@@ -86,9 +86,9 @@ def check_uri(key: str, value: str) -> None:
 
 
 def check_environment(environ: typing.Mapping[str, str] | None = None) -> None:
-    """Raise ConfigError when a URI in the environment (URI_ENV) carries credentials."""
+    """Raise ConfigError when a URI in the environment (CHECKED_URI_ENV) carries credentials."""
     environ = os.environ if environ is None else environ
-    for name in URI_ENV:
+    for name in CHECKED_URI_ENV:
         value = environ.get(name)
         if value:
             check_uri(f"environment variable {name}", value)
