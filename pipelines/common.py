@@ -10,7 +10,7 @@ from collections.abc import Callable
 from typing import Any
 
 from videobert import storage
-from videobert.config import ConfigError, ExperimentConfig, load_config
+from videobert.config import ConfigError, ExperimentConfig, check_uri, load_config
 from videobert.lease import LeaseHeldError, hold_lease
 from videobert.results import MissingInputError
 from videobert.storage import StorageError
@@ -24,12 +24,13 @@ EXIT_MISSING_INPUT = 4  # an upstream stage's output is missing (the message nam
 EXIT_BUSY = 5  # another run holds the lease on `output` (the message names it; see videobert/lease.py)
 
 # Variables a worker on another node needs to reach the same services. Credentials are
-# deliberately absent: on a cluster they come from the node's instance profile / env.
+# deliberately absent: on a cluster they come from the node's instance profile / env. A runtime
+# env is recorded by Ray (GCS, dashboard, logs), so nothing secret may travel in one. The
+# MLflow tracking URI is not here either: workers get it as an argument of their task.
 FORWARDED_ENV = (
     "AWS_ENDPOINT_URL",
     "AWS_REGION",
     "AWS_DEFAULT_REGION",
-    "MLFLOW_TRACKING_URI",
     "TORCH_EXTENSIONS_DIR",
     "HF_HUB_OFFLINE",
     "TORCH_HOME",
@@ -95,6 +96,8 @@ def init_ray() -> None:
     if ray.is_initialized():
         return
     env_vars = {name: os.environ[name] for name in FORWARDED_ENV if name in os.environ}
+    for name, value in env_vars.items():  # e.g. AWS_ENDPOINT_URL=http://key:secret@host
+        check_uri(f"environment variable {name}", value)
     runtime_env = {"env_vars": env_vars} if env_vars else None
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":

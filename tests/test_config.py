@@ -1,4 +1,5 @@
-"""Typed config: YAML loading, --set overrides, errors that name the key, CLI exit codes."""
+"""Typed config: YAML loading, --set overrides, errors that name the key, CLI exit codes,
+no credentials in any URI."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from videobert.config import (
     flat_params,
     load_config,
     parse_model_uri,
+    redact,
 )
 from videobert.model_sizes import MODEL_SIZES, ModelSize
 
@@ -235,3 +237,75 @@ def test_deprecated_and_new_key_together_is_an_error() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert load_config(None, ["train.batch_size=64"]).train.batch_size == 64
+
+
+SECRET = "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("s3.endpoint_url", f"http://AKIAEXAMPLE:{SECRET}@127.0.0.1:9000"),
+        ("s3.endpoint_url", f"https://AKIAEXAMPLE:{SECRET}/with-a-slash@minio.example"),  # unescaped /
+        ("source", f"s3://{SECRET}@bucket/videos"),
+        ("output", f"https://user:{SECRET}@store.example/out"),
+        ("mlflow.tracking_uri", f"http://mlflow:{SECRET}@mlflow.example:5000"),
+        ("mlflow.tracking_uri", f"postgresql://mlflow:{SECRET}@db.example/mlflow"),
+        ("evaluate.labels", f"https://{SECRET}@labels.example/labels.csv"),
+        ("text.vocab", f"https://hf:{SECRET}@huggingface.co/vocab.txt"),
+        ("train.storage_path", f"s3://key:{SECRET}@bucket/train"),
+        ("decode.transcript_extensions", f"vtt, http://u:{SECRET}@x/"),
+    ],
+    ids=lambda item: item if "://" not in item else "uri",  # test ids hold no secret either
+)
+def test_credentials_in_any_uri_are_refused_without_echoing_them(
+    key: str, value: str, tmp_path: Path
+) -> None:
+    """Any string field (found generically, lists too), from --set or from a file: a URI with
+    userinfo is a ConfigError that names the key and where credentials go, and never the secret."""
+    with pytest.raises(ConfigError) as raised:
+        load_config(None, [f"{key}={value}"])
+    message = str(raised.value)
+    assert SECRET not in message and key in message
+    assert "AWS_SECRET_ACCESS_KEY" in message and "MLFLOW_TRACKING_PASSWORD" in message
+    section, _, field = key.rpartition(".")
+    path = tmp_path / "c.yaml"
+    path.write_text(f"{section}:\n  {field}: '{value}'\n" if section else f"{key}: '{value}'\n")
+    with pytest.raises(ConfigError, match=re.escape(key)) as raised:
+        load_config(path)
+    assert SECRET not in str(raised.value)
+
+
+def test_credentials_set_in_code_are_refused_too() -> None:
+    with pytest.raises(ConfigError, match="output") as raised:
+        ExperimentConfig(output=f"s3://key:{SECRET}@bucket/out")
+    assert SECRET not in str(raised.value)
+
+
+@pytest.mark.parametrize("variable", ["MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "AWS_ENDPOINT_URL"])
+def test_credentials_in_uri_environment_variables_are_refused(variable: str, monkeypatch) -> None:
+    monkeypatch.setenv(variable, f"https://user:{SECRET}@service.example:443")
+    with pytest.raises(ConfigError, match=variable) as raised:
+        load_config(None, ["output=/tmp/o"])
+    assert SECRET not in str(raised.value) and "MLFLOW_TRACKING_USERNAME" in str(raised.value)
+
+
+def test_uris_without_credentials_still_load() -> None:
+    config = load_config(
+        None,
+        [
+            "source=s3://bucket/videos/take@2x",  # an @ in an S3 key is not a login
+            "output=/data/runs/out@home",
+            "s3.endpoint_url=http://127.0.0.1:9000",
+            "mlflow.tracking_uri=http://mlflow.example:5000",
+            "embed.model_uri=models:/videobert@champion",
+        ],
+    )
+    assert config.source == "s3://bucket/videos/take@2x"
+    assert config.embed.model_uri == "models:/videobert@champion"
+
+
+def test_redact_hides_the_userinfo_of_every_uri_in_a_text() -> None:
+    text = f"cannot reach http://AKIA:{SECRET}@minio:9000/b (then s3://{SECRET}@bucket) at /x@y"
+    assert redact(text) == "cannot reach http://***@minio:9000/b (then s3://***@bucket) at /x@y"
+    assert str(ConfigError(text)) == redact(text)

@@ -6,6 +6,7 @@ Through a SQLite store and through the live `mlflow server` fixture (HTTP).
 from __future__ import annotations
 
 import os
+import pickle
 
 import mlflow
 import numpy as np
@@ -17,7 +18,7 @@ from videobert.config import ExperimentConfig, load_config
 from videobert.model import CLS, MASK, SEP, VIDEO_SEP, JointVocab, build_model
 from videobert.registry import load_registered_model, log_and_register_model
 from videobert.storage import ObjectInfo
-from videobert.tracking import log_lineage, start_or_resume_run, token_digest
+from videobert.tracking import log_lineage, start_or_resume_run, token_digest, tracking_uri, use_tracking_uri
 
 
 def round_trip(tracking_uri: str, output: str) -> None:
@@ -109,3 +110,38 @@ def test_a_second_experiment_in_one_process_uses_its_own_store(tmp_path, monkeyp
     assert tracking_uri(second) == f"sqlite:///{tmp_path / 'second' / 'mlflow.db'}"
     setup_experiment(second)
     assert mlflow.get_tracking_uri() == tracking_uri(second)
+
+
+class Planted:
+    """What a hostile registry file could hold: unpickling it runs code (here, makes a directory)."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.mkdir, (self.marker,))
+
+
+def test_internal_loading_never_unpickles_the_registered_pyfunc(tmp_path, monkeypatch):
+    """load_registered_model (evaluate, embed, resume_from_champion) rebuilds the model from
+    safetensors and JSON: with the pyfunc's pickled python model replaced by a hostile pickle in
+    the store, it still loads the same weights, and the pickle never runs."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    output = tmp_path / "out"
+    config = load_config(None, [f"output={output}", "mlflow.registered_model=videobert-safe"])
+    use_tracking_uri(tracking_uri(config))
+    vocab = JointVocab(["hello", "world"], 8)
+    model = build_model("debug", vocab, max_positions=16, seed=5).eval()
+    run_id, _ = start_or_resume_run(config, "safe-load")
+    version = log_and_register_model(
+        run_id, model, vocab, {"codebook_version": "cb"}, config, "videobert-safe"
+    )
+    (pickled,) = (output / "mlartifacts").rglob("python_model.pkl")
+    marker = tmp_path / "ran-on-load"
+    pickled.write_bytes(pickle.dumps(Planted(str(marker))))
+
+    loaded, loaded_vocab, meta = load_registered_model(f"models:/videobert-safe/{version}")
+    assert not marker.exists()
+    assert meta["codebook_version"] == "cb" and loaded_vocab.tokens() == vocab.tokens()
+    for name, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[name], tensor)

@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -24,7 +26,84 @@ from videobert.model_sizes import MODEL_SIZES
 
 
 class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the key."""
+    """A config file or override that cannot be used; the message names the key.
+
+    The message is redacted (see `redact`): a rejected value may hold credentials, and the
+    message goes to stderr and logs.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
+
+
+# -- credentials: never in a config, never written anywhere ------------------------------------
+
+# `scheme://userinfo@`: the RFC 3986 userinfo of any URI inside a text.
+_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.\-]*://)[^\s/?#@'\"]*@")
+
+CREDENTIALS_HELP = (
+    "credentials never go into a URI: S3 keys come from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY "
+    "(or an instance profile), an MLflow server's login from MLFLOW_TRACKING_USERNAME / "
+    "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
+)
+
+CHECKED_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+"""Environment variables read as URIs: checked like config values (`check_environment`)."""
+
+
+def redact(text: str) -> str:
+    """`text` with the userinfo of every URI in it replaced by `***` (`http://***@host`).
+
+    Defence in depth for whatever is logged or recorded (params, tags, artifacts, errors):
+    configs with credentials are rejected at load, but a URI can also come from elsewhere.
+    """
+    return _USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def has_credentials(value: str) -> bool:
+    """Whether `value` is a URI carrying credentials: `user:password@` or `token@` before its host.
+
+    An http(s) URI (an endpoint or a tracking server) is also refused with an `@` further on,
+    where an unescaped `/` in a secret would have moved it out of the host part.
+    """
+    if "://" not in value or "@" not in value:
+        return False
+    try:
+        parts = urlsplit(value.strip())
+    except ValueError:  # e.g. a bad IPv6 host: look at the text itself
+        return bool(_USERINFO.search(value))
+    if "@" in parts.netloc:
+        return True
+    return parts.scheme.lower() in ("http", "https") and "@" in parts.path
+
+
+def check_uri(key: str, value: str) -> None:
+    """Raise ConfigError naming `key` (never echoing the value) when `value` carries credentials."""
+    if has_credentials(value):
+        raise ConfigError(
+            f"{key}: the URI holds credentials (user:password@ or token@), refused; {CREDENTIALS_HELP}"
+        )
+
+
+def check_environment(environ: typing.Mapping[str, str] | None = None) -> None:
+    """Raise ConfigError when a URI in the environment (CHECKED_URI_ENV) carries credentials."""
+    environ = os.environ if environ is None else environ
+    for name in CHECKED_URI_ENV:
+        value = environ.get(name)
+        if value:
+            check_uri(f"environment variable {name}", value)
+
+
+def _check_strings(node: Any, key: str) -> None:
+    """check_uri on every string of a config section, recursively (lists included)."""
+    if dataclasses.is_dataclass(node):
+        for item in dataclasses.fields(node):
+            _check_strings(getattr(node, item.name), f"{key}.{item.name}" if key else item.name)
+    elif isinstance(node, list):
+        for index, item in enumerate(node):
+            _check_strings(item, f"{key}[{index}]")
+    elif isinstance(node, str):
+        check_uri(key, node)
 
 
 class DeprecatedConfigKeyWarning(FutureWarning):
@@ -526,6 +605,9 @@ class ExperimentConfig:
     lease: LeaseConfig = field(default_factory=LeaseConfig)
 
     def __post_init__(self) -> None:
+        # Every string field, by any name (source, output, s3.endpoint_url, tracking URI,
+        # labels, ...): a URI with credentials is refused before anything can record it.
+        _check_strings(self, "")
         if not self.source:
             raise ConfigError("source must be set (s3://bucket/prefix or a local path)")
         if not self.output:
@@ -583,6 +665,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            check_uri(key, str(value))  # before any section check could echo the value
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise ConfigError(f"{key}: unsupported type {annotation!r}")
@@ -664,7 +747,11 @@ def parse_override(text: str) -> tuple[str, Any]:
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
 ) -> ExperimentConfig:
-    """Load a YAML config (safe_load), apply `key=value` overrides, and validate."""
+    """Load a YAML config (safe_load), apply `key=value` overrides, and validate.
+
+    Also refuses credentials in the URIs of the environment (`check_environment`).
+    """
+    check_environment()
     values: dict[str, Any] = {}
     if path is not None:
         config_path = Path(path)
@@ -684,11 +771,13 @@ def load_config(
 
 
 def config_to_yaml(config: ExperimentConfig) -> str:
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    """The whole config as YAML (the registered model's experiment.yaml), redacted."""
+    return redact(yaml.safe_dump(config.to_dict(), sort_keys=False))
 
 
 def flat_params(config: ExperimentConfig) -> dict[str, Any]:
-    """Dotted key -> value, for MLflow params. Holds no credentials by construction."""
+    """Dotted key -> value, for MLflow params; strings redacted (a loaded config holds no
+    credentials; a config changed in code after load still must not leak any)."""
     flat: dict[str, Any] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -696,7 +785,7 @@ def flat_params(config: ExperimentConfig) -> dict[str, Any]:
             for key, value in node.items():
                 walk(value, f"{prefix}{key}.")
         else:
-            flat[prefix[:-1]] = node
+            flat[prefix[:-1]] = redact(node) if isinstance(node, str) else node
 
     walk(config.to_dict(), "")
     return flat

@@ -6,7 +6,9 @@
   and `experiment.yaml` (the whole config). No pickled tensors and no torch.export (which would
   fix the sequence length): `predict` takes token sequences of any length up to max_positions.
   The python model class is pickled by reference, and the `videobert` package travels with the
-  model as code (`code_paths`) so it loads where the package is not installed.
+  model as code (`code_paths`) so it loads where the package is not installed. That pyfunc is
+  for external users; the pipeline itself (`load_registered_model`: evaluate, embed,
+  train.resume_from_champion) rebuilds the model from the plain files and unpickles nothing.
 - versions: `models:/<name>@<alias>` / `models:/<name>/<version>` URIs resolved to a version
   and its small files, without downloading the weights.
 - aliases: pretrain points `candidate` at each new version; `champion` moves only when an
@@ -36,7 +38,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import videobert
-from videobert.config import ExperimentConfig, config_to_yaml, parse_model_uri
+from videobert.config import ExperimentConfig, config_to_yaml, parse_model_uri, redact
 from videobert.model import (
     MASK,
     VIDEO_SEP,
@@ -158,7 +160,7 @@ def log_and_register_model(
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / MODEL_FILES_DIR
         save_pretrained(model, vocab, model_dir)
-        (model_dir / "metadata.json").write_text(json.dumps(metadata, indent=2))
+        (model_dir / "metadata.json").write_text(redact(json.dumps(metadata, indent=2)))
         (model_dir / "experiment.yaml").write_text(config_to_yaml(config))
         with mlflow.start_run(run_id=run_id, log_system_metrics=False):
             info = mlflow.pyfunc.log_model(
@@ -183,9 +185,43 @@ def log_and_register_model(
 
 
 def load_registered_model(model_uri: str) -> tuple[VideoBert, JointVocab, dict[str, Any]]:
-    """(model in eval mode on CPU, its vocabulary, metadata) from e.g. `models:/videobert@candidate`."""
-    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
-    return python_model.model, python_model.vocab, python_model.metadata
+    """(model in eval mode on CPU, its vocabulary, metadata) from e.g. `models:/videobert@candidate`.
+
+    Rebuilt from the version's plain files (safetensors and JSON), never by unpickling its
+    pyfunc: a registry is shared, and loading a pickle from it would run whatever it holds.
+    """
+    from mlflow.artifacts import download_artifacts
+
+    name, version = _version_of(model_uri)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = download_artifacts(artifact_uri=_files_uri(name, version), dst_path=tmp)
+        model, vocab = load_pretrained(root)
+        metadata = json.loads((Path(root) / "metadata.json").read_text())
+    return model, vocab, metadata
+
+
+def _files_uri(name: str, version: str, file: str = "") -> str:
+    """Where a version's plain files (MODEL_FILES_DIR) are, or one of them."""
+    return f"models:/{name}/{version}/artifacts/{MODEL_FILES_DIR}" + (f"/{file}" if file else "")
+
+
+def _version_of(model_uri: str) -> tuple[str, str]:
+    """(name, version) of `models:/<name>@<alias>` or `models:/<name>/<version>` in the current
+    registry; MissingInputError (naming the URI) when it does not exist."""
+    name, alias, version = parse_model_uri(model_uri)
+    client = MlflowClient()
+    try:
+        if alias is not None:
+            version = str(client.get_model_version_by_alias(name, alias).version)
+        else:
+            client.get_model_version(name, str(version))
+    except MlflowException as error:
+        raise MissingInputError(
+            f"{model_uri}: no such registered model version in {redact(mlflow.get_registry_uri())} "
+            f"({error.message}); run `videobert pretrain` (and `videobert promote` for @champion) or "
+            "pick a version with --set embed.model_uri=models:/<name>/<version>"
+        ) from error
+    return name, str(version)
 
 
 # -- versions ---------------------------------------------------------------------------------
@@ -214,29 +250,15 @@ class ModelVersionInfo:
 def resolve_model_version(model_uri: str) -> ModelVersionInfo:
     """Resolve an alias or version in the current registry and read the version's small files.
 
-    Raises ConfigError (naming the URI) when the model, alias or version does not exist.
+    Raises MissingInputError (naming the URI) when the model, alias or version does not exist.
     """
     from mlflow.artifacts import download_artifacts
 
-    name, alias, version = parse_model_uri(model_uri)
-    client = MlflowClient()
-    try:
-        if alias is not None:
-            version = str(client.get_model_version_by_alias(name, alias).version)
-        else:
-            client.get_model_version(name, str(version))
-    except MlflowException as error:
-        raise MissingInputError(
-            f"{model_uri}: no such registered model version in {mlflow.get_registry_uri()} ({error.message}); "
-            "run `videobert pretrain` (and `videobert promote` for @champion) or pick a version with "
-            "--set embed.model_uri=models:/<name>/<version>"
-        ) from error
+    name, version = _version_of(model_uri)
     files = {}
     with tempfile.TemporaryDirectory() as tmp:
         for file in ("metadata.json", "config.json", "vocab.json"):
-            path = download_artifacts(
-                artifact_uri=f"models:/{name}/{version}/artifacts/{MODEL_FILES_DIR}/{file}", dst_path=tmp
-            )
+            path = download_artifacts(artifact_uri=_files_uri(name, version, file), dst_path=tmp)
             files[file] = json.loads(Path(path).read_text())
     return ModelVersionInfo(
         name=name,

@@ -25,14 +25,20 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from videobert.config import S3Config
+from videobert.config import S3Config, redact
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 
 class StorageError(RuntimeError):
-    """A storage operation that failed for good; the message names the object."""
+    """A storage operation that failed for good; the message names the object.
+
+    Redacted like ConfigError: botocore and pyarrow errors quote the endpoint URL.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 @dataclass(frozen=True)

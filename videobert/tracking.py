@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from videobert import storage
-from videobert.config import ExperimentConfig, flat_params
+from videobert.config import ExperimentConfig, check_uri, flat_params, redact
 from videobert.results import token_digest
 from videobert.storage import ObjectInfo
 from videobert.tables import Layout
@@ -39,10 +39,16 @@ ENV_URIS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 def tracking_uri(config: ExperimentConfig) -> str:
-    """Where MLflow runs of this experiment are tracked (see the module docstring)."""
+    """Where MLflow runs of this experiment are tracked (see the module docstring).
+
+    A URI with credentials is refused (ConfigError): the URI is logged, printed and handed to
+    Ray workers, so the login belongs in MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.
+    """
     if config.mlflow.tracking_uri:
+        check_uri("mlflow.tracking_uri", config.mlflow.tracking_uri)
         return config.mlflow.tracking_uri
     if os.environ.get("MLFLOW_TRACKING_URI"):
+        check_uri("environment variable MLFLOW_TRACKING_URI", os.environ["MLFLOW_TRACKING_URI"])
         return os.environ["MLFLOW_TRACKING_URI"]
     if not storage.is_s3(config.output):
         os.makedirs(config.output, exist_ok=True)
@@ -164,8 +170,8 @@ def log_lineage(
         "tokens_uri": tokens_uri,
         "tokens_digest": digest,
     }.items():
-        client.set_tag(run_id, key, value)
-    dataset = MetaDataset(resolve_dataset_source(tokens_uri), name="tokens", digest=digest)
+        client.set_tag(run_id, key, redact(value))
+    dataset = MetaDataset(resolve_dataset_source(redact(tokens_uri)), name="tokens", digest=digest)
     with mlflow.start_run(run_id=run_id, log_system_metrics=False):
         mlflow.log_input(dataset, context="training")
     client.update_run(run_id, status="RUNNING")  # leaving the context marked it FINISHED
@@ -228,7 +234,7 @@ def log_codebook_run(
     meta = codebook.metadata_json()
     with mlflow.start_run(run_name=f"{config.name}-codebook-{codebook.version}") as run:
         mlflow.set_tags(
-            {"stage": "fit-codebook", "codebook_version": codebook.version, "codebook_uri": directory}
+            {"stage": "fit-codebook", "codebook_version": codebook.version, "codebook_uri": redact(directory)}
         )
         mlflow.log_params(
             {
@@ -273,6 +279,7 @@ def open_pretrain_run(
     run_id, resumed = start_or_resume_run(config, run_name)
     log_lineage(run_id, tokens.tokens_uri, tokens.files, tokens.codebook.version, tokens.tokenizer.version)
     if init_model_uri:
-        mlflow.MlflowClient().set_tag(run_id, "init_from", init_model_uri)
-    log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", mlflow.get_tracking_uri())
+        mlflow.MlflowClient().set_tag(run_id, "init_from", redact(init_model_uri))
+    uri = redact(mlflow.get_tracking_uri())
+    log.info("MLflow run %s (%s) at %s", run_id, "continued" if resumed else "new", uri)
     return run_id

@@ -11,6 +11,7 @@ JIT-compile C++/CUDA ops at first use, which costs 30-70 s per fresh worker on C
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -200,10 +201,42 @@ def save_checkpoint(engine: Any, directory: str | os.PathLike[str], step: int) -
 
 def load_checkpoint(engine: Any, directory: str | os.PathLike[str]) -> int:
     """Restore model, optimizer and schedule; returns the step stored in the checkpoint."""
-    path, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
+    with weights_only_loads():
+        path, client_state = engine.load_checkpoint(str(directory), tag=CHECKPOINT_TAG)
     if path is None:
         raise RuntimeError(f"no DeepSpeed checkpoint under {directory}")
     return int(client_state["step"])
+
+
+def deepspeed_safe_globals() -> list[Any]:
+    """The classes, besides tensors and containers, that our DeepSpeed checkpoints hold (found
+    by loading the checkpoints of ZeRO 0-3, fp32 and bf16): the optimizer states' loss scaler,
+    ZeRO stage and bf16 fragment addresses."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+@contextlib.contextmanager
+def weights_only_loads() -> Iterator[None]:
+    """Every `torch.load` inside unpickles only tensors, containers and deepspeed_safe_globals.
+
+    DeepSpeed's own loaders (its checkpoint engine, zero_to_fp32) pass weights_only=False;
+    TORCH_FORCE_WEIGHTS_ONLY_LOAD is torch's switch that overrides them, so a checkpoint
+    directory (on shared storage, writable by others) cannot run code in a training worker.
+    """
+    before = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals(deepspeed_safe_globals()):
+            yield
+    finally:
+        if before is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = before
 
 
 def checkpoint_step(directory: str | os.PathLike[str]) -> int:
@@ -211,20 +244,22 @@ def checkpoint_step(directory: str | os.PathLike[str]) -> int:
     files = sorted((Path(directory) / CHECKPOINT_TAG).glob("*model_states.pt"))
     if not files:
         raise RuntimeError(f"no DeepSpeed model states under {directory}")
-    # DeepSpeed writes its own pickled checkpoint format; this is our own file, from our run.
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    with torch.serialization.safe_globals(deepspeed_safe_globals()):
+        state = torch.load(files[0], map_location="cpu", weights_only=True)
     return int(state["step"])
 
 
 def consolidated_fp32_state(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     """Full fp32 weights from a (sharded) DeepSpeed checkpoint, on CPU, for any ZeRO stage."""
     root = Path(directory)
-    if list((root / CHECKPOINT_TAG).glob("*optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    with weights_only_loads():
+        if list((root / CHECKPOINT_TAG).glob("*optim_states.pt")):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=CHECKPOINT_TAG)
-    else:  # no ZeRO partitions: the module weights are whole in the model states
-        state = torch.load(root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=CHECKPOINT_TAG)
+        else:  # no ZeRO partitions: the module weights are whole in the model states
+            model_states = root / CHECKPOINT_TAG / "mp_rank_00_model_states.pt"
+            state = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
     return {k: v.float().contiguous() for k, v in state.items()}
 
 
