@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipelines.common import init_ray, stage_main
 from videobert import storage
-from videobert.config import ExperimentConfig
+from videobert.config import ExperimentConfig, TrainConfig
 from videobert.results import PretrainResult, TokenizeResult, find_tokens, pretrain_run_name, train_digest
 from videobert.tables import Layout
 
@@ -91,6 +91,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     )
 
 
+def worker_resources(train: TrainConfig) -> dict[str, float] | None:
+    """What each worker holds: Ray's default (1 CPU, or 1 GPU with use_gpu), plus one unit of
+    `train.worker_resource` when set, so nodes that have one unit each take one worker each."""
+    if not train.worker_resource:
+        return None
+    return {"GPU" if train.use_gpu else "CPU": 1.0, train.worker_resource: 1.0}
+
+
 def run(
     config: ExperimentConfig,
     tokens: TokenizeResult | None = None,
@@ -154,7 +162,9 @@ def run(
             "on_step": on_step,
         },
         scaling_config=ray.train.ScalingConfig(
-            num_workers=config.train.workers, use_gpu=config.train.use_gpu
+            num_workers=config.train.workers,
+            use_gpu=config.train.use_gpu,
+            resources_per_worker=worker_resources(config.train),
         ),
         run_config=ray.train.RunConfig(
             name=run_name,

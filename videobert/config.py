@@ -441,6 +441,9 @@ class TrainConfig:
     """Ray Train run name; rerunning the same name resumes."""
     max_failures: int = 2
     """Worker failures tolerated before the run fails."""
+    worker_resource: str | None = None
+    """A custom Ray resource each worker also holds one unit of: a node started with
+    `--resources='{"<name>": 1}'` then takes one worker, so 2 workers land on 2 such nodes."""
     resume_from_champion: bool = False
     """Start a new run from the registered champion's weights instead of from scratch (when
     there is a champion). Text rows follow their tokens; visual rows need the same codebook."""

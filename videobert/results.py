@@ -213,6 +213,7 @@ def train_digest(config: ExperimentConfig) -> str:
         "holdout": config.evaluate.holdout_fraction,
     }
     settings["train"].pop("run_name", None)
+    settings["train"].pop("worker_resource", None)  # where workers run, not what they train
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
