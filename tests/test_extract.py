@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.compute as pc
 import pytest
 import yaml
 
@@ -163,7 +162,7 @@ def test_local_run_records_every_video_then_reruns_incrementally(ray_cluster, tm
     videos.make_object_video(source / "objects/video1.mp4", seed=11, num_frames=32, height=64, width=80)
     videos.make_object_video(source / "bad/empty.mp4", seed=12, num_frames=16, height=64, width=80)
     third = extract.run(config)
-    assert (third.ok, third.error, third.skipped) == (3, 4, good - 1)
+    assert (third.ok, third.error, third.skipped) == (3, 0, good - 1 + 4)  # the 4 still bad wait for a change
     rows3, features3 = snapshot(output)
     by_name3 = {Path(r["source_uri"]).name: r for r in rows3}
     assert len(rows3) == good + 6
@@ -210,8 +209,8 @@ def test_s3_source_and_output(ray_cluster, tmp_path: Path, s3_bucket: str) -> No
     assert by_name["video0.mp4"]["transcript_uri"] == f"{s3_bucket}/corpus/objects/video0.vtt"
     assert by_name["video0.mp4"]["etag"] and len(features) == 12
     assert storage.exists(tables.Layout(output).features_file(by_name["video1.mp4"]["video_id"]))
-    # Same ETags on the rerun: nothing good is redone.
-    assert extract.run(config_for(tmp_path, f"{s3_bucket}/corpus", output)).skipped == 2
+    # Same ETags on the rerun: nothing is redone (the bad files' errors are permanent).
+    assert extract.run(config_for(tmp_path, f"{s3_bucket}/corpus", output)).skipped == 4
 
 
 def test_kill_9_midway_then_rerun_equals_an_undisturbed_run(ray_cluster, tmp_path: Path) -> None:
@@ -257,7 +256,7 @@ def test_kill_9_midway_then_rerun_equals_an_undisturbed_run(ray_cluster, tmp_pat
 
     summary = extract.run(load_config(config))
     assert summary.ok + summary.error + summary.skipped == 7
-    assert summary.skipped == pc.sum(pc.equal(committed.column("status"), "ok")).as_py()
+    assert summary.skipped == committed.num_rows  # ok, or the empty file's permanent error
     assert_same_state(killed, undisturbed)
 
 
