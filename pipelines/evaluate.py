@@ -45,17 +45,19 @@ from videobert.results import (
 if TYPE_CHECKING:  # mlflow loads only when the stage runs
     from mlflow import MlflowClient
 
+    from videobert.registry import ModelVersionInfo
+
 log = logging.getLogger("videobert.evaluate")
 
 UNREADABLE_TAG = "unreadable_labelled_videos"
 
 
-def prepare_labelled(config: ExperimentConfig, model_meta: dict) -> dict[str, str]:
+def prepare_labelled(config: ExperimentConfig, model: ModelVersionInfo) -> dict[str, str]:
     """Extract and tokenize the labelled videos not yet done, into the evalset's tables, with
     the model's codebook and tokenizer; returns source_uri -> why for each that cannot be read."""
     from videobert.evaluation import adopt_extracted, evalset_config, plan_evalset, unreadable_labelled_videos
     from videobert.features import encoder_id
-    from videobert.tables import append_manifest
+    from videobert.tables import Layout, append_manifest
     from videobert.token_shards import plan_tokenize, record_tokenized
     from videobert.videos import ClipFeatures, ExtractCommitter
 
@@ -73,8 +75,13 @@ def prepare_labelled(config: ExperimentConfig, model_meta: dict) -> dict[str, st
             committer.commit_video(video)
     committer.flush()
 
-    codebook = CodebookResult(model_meta["codebook_uri"], model_meta["codebook_version"], 0)
-    tokenizer = TokenizerResult(model_meta["tokenizer_uri"], model_meta["tokenizer_version"])
+    # The model's own codebook and tokenizer: its visual words and text ids mean what it learned.
+    meta, layout = model.metadata, Layout(config.output)
+    cb_version, tok_version = meta["codebook_version"], meta["tokenizer_version"]
+    codebook = CodebookResult(
+        meta.get("codebook_uri") or layout.codebook(cb_version), cb_version, model.num_visual
+    )
+    tokenizer = TokenizerResult(meta.get("tokenizer_uri") or layout.tokenizer(tok_version), tok_version)
     tokens = plan_tokenize(evalset, codebook, tokenizer)
     token_errors: dict[str, str] = {}
     if tokens.videos.num_rows:
@@ -107,8 +114,10 @@ def record_missing_metric(
     elif not config.evaluate.labels:
         cause = "evaluate.labels is not set, so no video was scored zero-shot"
     else:
-        cause = f"no labelled video in {config.evaluate.labels} could be scored ({len(unreadable)} not scored"
-        cause += f": {', '.join(list(unreadable)[:3])}{', ...' if len(unreadable) > 3 else ''})"
+        cause = f"no labelled video in {config.evaluate.labels} could be scored"
+        if unreadable:
+            names = ", ".join(list(unreadable)[:3]) + (", ..." if len(unreadable) > 3 else "")
+            cause += f" ({len(unreadable)} not scored: {names})"
     client.set_model_version_tag(name, version, MISSING_METRIC_TAG, cause)
     log.warning("%s v%s has no %s: %s", name, version, metric, cause)
 
@@ -133,7 +142,7 @@ def run(config: ExperimentConfig) -> EvaluationResult:
     init_ray()
     unreadable: dict[str, str] = {}
     if config.evaluate.labels:
-        unreadable = prepare_labelled(config, resolve_model_version(model_uri).metadata)
+        unreadable = prepare_labelled(config, resolve_model_version(model_uri))
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     remote = ray.remote(num_gpus=1 if use_gpu else 0)(evaluate_model)
     # The worker gets the registry this driver resolved: its own environment (what the cluster

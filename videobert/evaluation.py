@@ -302,15 +302,29 @@ def evalset_config(config: ExperimentConfig) -> ExperimentConfig:
     return replace(config, output=root, source=root, evaluate=replace(config.evaluate, labels=None))
 
 
-def _sidecar(uri: str, config: ExperimentConfig) -> str | None:
-    """A labelled video's transcript: same stem, first transcript extension found (as `list_videos`)."""
-    base = uri.rpartition(".")[0]
-    for ext in config.decode.transcript_extensions:
-        for candidate in (f"{base}.{ext}", f"{base}.{ext.upper()}"):
-            info = storage.object_info(candidate, config.s3)
-            if info is not None:
-                return info.uri
-    return None
+def _objects_near(
+    uris: list[str], config: ExperimentConfig
+) -> tuple[dict[str, storage.ObjectInfo], set[str]]:
+    """The objects in every folder that holds a labelled video, one listing per folder rather
+    than requests per video and sidecar; also the folders that could be listed."""
+    found: dict[str, storage.ObjectInfo] = {}
+    listed = set()
+    for folder in sorted({uri.rpartition("/")[0] for uri in uris}):
+        try:
+            found.update((o.uri, o) for o in storage.list_objects(folder, config.s3))
+            listed.add(folder)
+        except storage.StorageError:  # e.g. no such directory: each video is asked on its own
+            continue
+    return found, listed
+
+
+def _object(
+    uri: str, objects: dict[str, storage.ObjectInfo], listed: set[str], config: ExperimentConfig
+) -> storage.ObjectInfo | None:
+    """`uri`'s object from the listing of its folder, else asked on its own; None if missing."""
+    if uri in objects or uri.rpartition("/")[0] in listed:
+        return objects.get(uri)
+    return storage.object_info(uri, config.s3)
 
 
 @dataclass
@@ -332,12 +346,17 @@ class EvalSetPlan:
 def plan_evalset(config: ExperimentConfig, encoder: str) -> EvalSetPlan:
     """Compare the labelled videos with the evalset's manifest by extract's skip rule
     (`is_up_to_date`): only new, changed or failed (when retried) videos are done again."""
-    labels = read_labels(config.evaluate.labels, config) if config.evaluate.labels else None
-    uris = sorted({listed_uri(str(u)) for u in labels["source_uri"].to_pylist()}) if labels else []
+    labels = read_labels(config.evaluate.labels, config)["source_uri"] if config.evaluate.labels else []
+    uris = sorted({listed_uri(str(u)) for u in labels})
+    objects, listed = _objects_near(uris, config)
     videos, missing = [], {}
     for uri in uris:
+        # The sidecar rule of `list_videos`: same stem, first transcript extension, either case.
+        base = uri.rpartition(".")[0]
+        sidecars = [f"{base}.{e}" for t in config.decode.transcript_extensions for e in (t, t.upper())]
         try:
-            info = storage.object_info(uri, config.s3)
+            info = _object(uri, objects, listed, config)
+            transcript = next((c for c in sidecars if _object(c, objects, listed, config)), None)
         except storage.StorageError as error:
             missing[uri] = f"read: {error}"
             continue
@@ -350,7 +369,7 @@ def plan_evalset(config: ExperimentConfig, encoder: str) -> EvalSetPlan:
                 "source_uri": info.uri,
                 "etag": info.etag,
                 "size": info.size,
-                "transcript_uri": _sidecar(info.uri, config),
+                "transcript_uri": transcript,
             }
         )
     done = rows_by_video(read_manifest(evalset_root(config), config.s3))
