@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from pipelines import fit_codebook, tokenize  # noqa: E402
+from pipelines.ray_stages import VIDEOS_PER_TOKEN_BATCH  # noqa: E402
 from tests.feature_corpus import vtt_cues, write_video  # noqa: E402
 from videobert import storage  # noqa: E402
 from videobert.config import ExperimentConfig, load_config  # noqa: E402
@@ -68,7 +69,7 @@ def run_peer(config: ExperimentConfig, summary: TokenizeResult, scratch: str) ->
     )
     body.directory = scratch  # write beside, not over, the stage's output
     segments = 0
-    step = tokenize.VIDEOS_PER_BATCH
+    step = VIDEOS_PER_TOKEN_BATCH
     for begin in range(0, len(ids), step):
         batch = {
             "video_id": ids[begin : begin + step],

@@ -195,3 +195,32 @@ def decoded_clips(
     )
     dataset.context.max_errored_blocks = len(videos)  # a video whose decode keeps dying is a row
     return dataset
+
+
+VIDEOS_PER_TOKEN_BATCH = 8
+
+
+def tokenized_videos(
+    config: ExperimentConfig, items: list[dict[str, str]], codebook_uri: str, tokenizer_uri: str
+) -> list[dict[str, Any]]:
+    """`items` (video_id, transcript_uri) through `TokenShardWriter` actors, which write their
+    token files under `config.output`; returns one status row per video. Tokenize runs it over
+    the corpus and evaluate over the labelled videos, so both are tokenized by one code path."""
+    import ray.data
+
+    from videobert.token_shards import TokenShardWriter
+
+    num_batches = -(-len(items) // VIDEOS_PER_TOKEN_BATCH)
+    return map_stage(
+        ray.data.from_items(items),
+        TokenShardWriter,
+        actor_pool(num_batches),
+        VIDEOS_PER_TOKEN_BATCH,
+        output=config.output,
+        codebook_uri=codebook_uri,
+        tokenizer_uri=tokenizer_uri,
+        segment_tokens=config.tokenize.segment_tokens,
+        sentence_gap_s=config.tokenize.sentence_gap_s,
+        max_transcript_bytes=config.tokenize.max_transcript_bytes,
+        s3=config.s3,
+    ).take_all()

@@ -17,12 +17,11 @@ import logging
 import sys
 
 from pipelines.common import init_ray, stage_main
-from pipelines.ray_stages import actor_pool, map_stage, map_tasks
+from pipelines.ray_stages import map_tasks, tokenized_videos
 from videobert.config import ExperimentConfig
 from videobert.results import CodebookResult, TokenizeResult, require_codebook, token_files
 from videobert.tables import read_manifest
 from videobert.token_shards import (
-    TokenShardWriter,
     ensure_tokenizer,
     plan_tokenize,
     record_tokenized,
@@ -31,7 +30,6 @@ from videobert.token_shards import (
 
 log = logging.getLogger("videobert.tokenize")
 
-VIDEOS_PER_BATCH = 8
 TRANSCRIPTS_PER_TASK = 16
 
 
@@ -78,23 +76,7 @@ def run(config: ExperimentConfig, codebook: CodebookResult | None = None) -> Tok
             result.videos_changed,
             result.videos_done_before,
         )
-        import ray.data
-
-        items = plan.items()
-        num_batches = -(-len(items) // VIDEOS_PER_BATCH)
-        statuses = map_stage(
-            ray.data.from_items(items),
-            TokenShardWriter,
-            actor_pool(num_batches),
-            VIDEOS_PER_BATCH,
-            output=config.output,
-            codebook_uri=codebook.uri,
-            tokenizer_uri=tokenizer.uri,
-            segment_tokens=config.tokenize.segment_tokens,
-            sentence_gap_s=config.tokenize.sentence_gap_s,
-            max_transcript_bytes=config.tokenize.max_transcript_bytes,
-            s3=config.s3,
-        ).take_all()
+        statuses = tokenized_videos(config, plan.items(), codebook.uri, tokenizer.uri)
         record_tokenized(config, plan, statuses)
         log.info(
             "tokenized %d videos into %d segments in %s",

@@ -158,7 +158,9 @@ def test_stage_cli_default_size_and_labels_path(tmp_path: Path, capsys: pytest.C
     assert len(list(source.glob("*.vtt"))) == 60
     assert len(list((source / "samples").glob("*.mp4"))) == len(sample_videos())
     rows = read_labels(labels.read_bytes())
-    assert len(rows) == 60 and not (source / "labels.csv").exists()
+    # the labelled validation set: the last video of each of the 12 classes
+    assert len(rows) == 12 and not (source / "labels.csv").exists()
+    assert all(r["source_uri"].endswith("-04.mp4") for r in rows)
     assert {(r["verb"], r["object"]) for r in rows} == {
         (v, o) for v in ("slide", "lift", "spin") for o in ("circle", "square", "triangle", "star")
     }

@@ -75,3 +75,46 @@ def test_promotion_on_live_server(mlflow_server):
         _check_promotion_rules(MlflowClient(), "videobert-server")
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_a_missing_metric_is_not_evaluated_with_its_cause(tmp_path):
+    """A candidate evaluated without `evaluate.metric` (its labelled videos could not be
+    scored): promote records "not evaluated", moves no alias, exits 0, and says why."""
+    from pipelines import evaluate
+    from pipelines import promote as promote_stage
+    from videobert.config import load_config
+    from videobert.registry import CANDIDATE, EVAL_RUN_TAG
+
+    name = "videobert-missing"
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    overrides = [f"output={tmp_path}", f"mlflow.tracking_uri={store}", f"mlflow.registered_model={name}"]
+    config = load_config(None, [*overrides, f"evaluate.labels={tmp_path}/labels.csv"])
+    use_tracking_uri(store)
+    mlflow.set_experiment(config.mlflow.experiment)
+    try:
+        client = MlflowClient()
+        champion = _new_version(client, name, 0.30)
+        assert promote(client, name, champion, METRIC).promoted
+        candidate = _new_version(client, name, None)
+        client.set_registered_model_alias(name, CANDIDATE, candidate)
+        client.set_model_version_tag(name, candidate, EVAL_RUN_TAG, "run-without-zero-shot")
+        lost = {"s3://videos/a.mp4": "read: no such object", "/data/b.mp4": "decode: not a video"}
+        evaluate.record_missing_metric(client, name, candidate, config, {"heldout_segments": 3.0}, lost)
+
+        decision = promote_stage.run(config)
+        assert not decision.promoted
+        assert "no labelled video" in decision.reason and "s3://videos/a.mp4" in decision.reason
+        assert "run-without-zero-shot" in decision.reason
+        tags = client.get_model_version(name, candidate).tags
+        assert tags["promotion.decision"] == "not evaluated" and tags["promotion.reason"] == decision.reason
+        assert alias_version(client, name, CHAMPION) == champion
+        assert alias_version(client, name, CANDIDATE) == candidate
+        assert promote_stage.main([f"--set={o}" for o in overrides]) == 0
+
+        # Without a labelled set the cause is that; a later evaluation with the metric clears it.
+        evaluate.record_missing_metric(client, name, candidate, load_config(None, overrides), {}, {})
+        assert "evaluate.labels is not set" in promote(client, name, candidate, METRIC).reason
+        evaluate.record_missing_metric(client, name, candidate, config, {METRIC: 0.5}, {})
+        assert "evaluation.missing" not in client.get_model_version(name, candidate).tags
+    finally:
+        mlflow.set_tracking_uri(None)

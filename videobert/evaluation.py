@@ -16,12 +16,12 @@ import hashlib
 import io
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import torch
 
@@ -36,9 +36,10 @@ from videobert.metrics import (
     top_k_accuracy,
 )
 from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab, VideoBert
-from videobert.tables import Layout, read_manifest
+from videobert.tables import Layout, append_manifest, read_manifest, video_id
 from videobert.training import forward, to_device
 from videobert.training_examples import IGNORE, JOINT, Example, ExampleBuilder, build_sequence, pack
+from videobert.videos import is_up_to_date, relinked_rows, rows_by_video, videos_to_do
 
 ZERO_SHOT_PREFIX = "now let me show you how to"
 
@@ -270,29 +271,182 @@ def label_classes(config: ExperimentConfig) -> tuple[list[str], list[str]]:
     )
 
 
-def zero_shot_items(config: ExperimentConfig, tokens: pa.Table, video_ids: set[str]) -> list[ZeroShotItem]:
-    """Labelled videos among `video_ids`, each with all its visual words in segment order."""
+def listed_uri(uri: str) -> str:
+    """A labelled `source_uri` spelled as `storage.list_objects` lists it (local paths resolved),
+    so its video_id is the one extract gives the same file."""
+    return uri if storage.is_s3(uri) else str(Path(uri).resolve())
+
+
+def labelled_video_ids(config: ExperimentConfig) -> set[str]:
+    """The video_id of every labelled video (none without `evaluate.labels`): tokenize keeps
+    them out of `tokens/`, so pretraining never sees a video that zero-shot scores."""
     if not config.evaluate.labels:
-        return []
+        return set()
     labels = read_labels(config.evaluate.labels, config)
-    manifest = read_manifest(config.output, config.s3)
-    by_uri = dict(zip(manifest["source_uri"].to_pylist(), manifest["video_id"].to_pylist(), strict=True))
-    items = []
-    for row in labels.to_pylist():
-        vid = by_uri.get(row["source_uri"])
-        if vid is None or vid not in video_ids:
+    return {video_id(listed_uri(str(u))) for u in labels["source_uri"].to_pylist()}
+
+
+def evalset_root(config: ExperimentConfig) -> str:
+    """Where the labelled set's own tables live: `<output>/evalsets/<digest of evaluate.labels>/`,
+    laid out as `output` is (videos/, features/, tokens/, tokens_manifest/; `tables.Layout`).
+    Nothing under it is listed by tokenize or read by pretrain."""
+    labels = listed_uri(config.evaluate.labels or "")
+    return storage.join(config.output, "evalsets", hashlib.sha256(labels.encode()).hexdigest()[:16])
+
+
+def evalset_config(config: ExperimentConfig) -> ExperimentConfig:
+    """`config` with `output` (and `source`) moved to the labelled set's tables: extract's
+    committer and tokenize's plan, writers and commit then work on them unchanged. Its labels
+    are unset, since tokenize would otherwise leave out every labelled video, i.e. all of them."""
+    root = evalset_root(config)
+    return replace(config, output=root, source=root, evaluate=replace(config.evaluate, labels=None))
+
+
+def _objects_near(
+    uris: list[str], config: ExperimentConfig
+) -> tuple[dict[str, storage.ObjectInfo], set[str]]:
+    """The objects in every folder that holds a labelled video, one listing per folder rather
+    than requests per video and sidecar; also the folders that could be listed."""
+    found: dict[str, storage.ObjectInfo] = {}
+    listed = set()
+    for folder in sorted({uri.rpartition("/")[0] for uri in uris}):
+        try:
+            found.update((o.uri, o) for o in storage.list_objects(folder, config.s3))
+            listed.add(folder)
+        except storage.StorageError:  # e.g. no such directory: each video is asked on its own
             continue
-        rows = tokens.filter(pc.equal(tokens["video_id"], vid))
-        words = [w for segment in rows["video_tokens"].to_pylist() for w in segment]
+    return found, listed
+
+
+def _object(
+    uri: str, objects: dict[str, storage.ObjectInfo], listed: set[str], config: ExperimentConfig
+) -> storage.ObjectInfo | None:
+    """`uri`'s object from the listing of its folder, else asked on its own; None if missing."""
+    if uri in objects or uri.rpartition("/")[0] in listed:
+        return objects.get(uri)
+    return storage.object_info(uri, config.s3)
+
+
+@dataclass
+class EvalSetPlan:
+    """What evaluate does to the labelled videos before scoring them."""
+
+    videos: list[dict[str, Any]]
+    """Every labelled video that exists, as `list_videos` describes a video."""
+    missing: dict[str, str]
+    """source_uri -> reason, for each labelled video that cannot be read (no such object)."""
+    adopt: list[dict[str, Any]]
+    """Videos under `source` that extract already made features of: copied, not decoded."""
+    todo: list[dict[str, Any]]
+    """Videos to decode and encode (extract's code, into the evalset's tables)."""
+    relinked: list[dict[str, Any]]
+    """Evalset manifest rows whose transcript sidecar changed (as extract's relinking)."""
+
+
+def plan_evalset(config: ExperimentConfig, encoder: str) -> EvalSetPlan:
+    """Compare the labelled videos with the evalset's manifest by extract's skip rule
+    (`is_up_to_date`): only new, changed or failed (when retried) videos are done again."""
+    labels = read_labels(config.evaluate.labels, config)["source_uri"] if config.evaluate.labels else []
+    uris = sorted({listed_uri(str(u)) for u in labels})
+    objects, listed = _objects_near(uris, config)
+    videos, missing = [], {}
+    for uri in uris:
+        # The sidecar rule of `list_videos`: same stem, first transcript extension, either case.
+        base = uri.rpartition(".")[0]
+        sidecars = [f"{base}.{e}" for t in config.decode.transcript_extensions for e in (t, t.upper())]
+        try:
+            info = _object(uri, objects, listed, config)
+            transcript = next((c for c in sidecars if _object(c, objects, listed, config)), None)
+        except storage.StorageError as error:
+            missing[uri] = f"read: {error}"
+            continue
+        if info is None:
+            missing[uri] = "read: no such object"
+            continue
+        videos.append(
+            {
+                "video_id": video_id(info.uri),
+                "source_uri": info.uri,
+                "etag": info.etag,
+                "size": info.size,
+                "transcript_uri": transcript,
+            }
+        )
+    done = rows_by_video(read_manifest(evalset_root(config), config.s3))
+    stale = videos_to_do(videos, done, config.extract.retry_errors, encoder=encoder)
+    stale_ids = {v["video_id"] for v in stale}
+    extracted = rows_by_video(read_manifest(config.output, config.s3))
+    adopt = [
+        v
+        for v in stale
+        if is_up_to_date(extracted.get(v["video_id"]), v, False, encoder=encoder)
+        and extracted[v["video_id"]]["status"] == "ok"
+    ]
+    adopted = {v["video_id"] for v in adopt}
+    todo = [v for v in stale if v["video_id"] not in adopted]
+    kept = [v for v in videos if v["video_id"] not in stale_ids and done[v["video_id"]]["status"] == "ok"]
+    return EvalSetPlan(videos, missing, adopt, todo, relinked_rows(done, kept))
+
+
+def adopt_extracted(config: ExperimentConfig, videos: list[dict[str, Any]]) -> None:
+    """Copy extract's committed features of these videos into the evalset's tables: the file
+    first, then its manifest row (the commit rule), so nothing under `source` is decoded twice."""
+    source, target = Layout(config.output), Layout(evalset_root(config))
+    extracted = rows_by_video(read_manifest(config.output, config.s3))
+    rows = []
+    for video in videos:
+        vid = video["video_id"]
+        table = storage.read_parquet(source.features_file(vid), config.s3)
+        storage.write_parquet(table, target.features_file(vid), config.s3)
+        row = {k: v for k, v in extracted[vid].items() if k not in ("updated_at", "transcript_error")}
+        rows.append({**row, "transcript_uri": video["transcript_uri"]})
+    append_manifest(target.output, rows, config.s3)
+
+
+def unreadable_labelled_videos(
+    config: ExperimentConfig, plan: EvalSetPlan, token_errors: dict[str, str] | None = None
+) -> dict[str, str]:
+    """source_uri -> why, for every labelled video that cannot be scored: a missing object, an
+    evalset manifest row in error (decode, read, features), or a tokenize error."""
+    unreadable = dict(plan.missing)
+    manifest = rows_by_video(read_manifest(evalset_root(config), config.s3))
+    by_id = {v["video_id"]: v["source_uri"] for v in plan.videos}
+    for vid, uri in by_id.items():
+        row = manifest.get(vid)
+        if row is None:
+            unreadable[uri] = "not extracted"
+        elif row["status"] != "ok":
+            unreadable[uri] = str(row["error"])
+    for vid, error in (token_errors or {}).items():
+        unreadable.setdefault(by_id.get(vid, vid), error)
+    return dict(sorted(unreadable.items()))
+
+
+def zero_shot_items(labels: pa.Table, tokens: pa.Table) -> tuple[list[ZeroShotItem], dict[str, str]]:
+    """Every labelled video with token rows in `tokens`, with all its visual words in segment
+    order; and source_uri -> why for each labelled video that has none."""
+    words_of: dict[str, list[int]] = {}
+    for vid, segment in zip(tokens["video_id"].to_pylist(), tokens["video_tokens"].to_pylist(), strict=True):
+        words_of.setdefault(vid, []).extend(segment)
+    items, unscored = [], {}
+    for row in labels.to_pylist():
+        uri = listed_uri(str(row["source_uri"]))
+        vid = video_id(uri)
+        words = words_of.get(vid)
         if words:
             items.append(ZeroShotItem(vid, words, str(row["verb"]), str(row["object"])))
-    return items
+        else:
+            unscored[uri] = "no visual words (not extracted or not tokenized)"
+    return items, unscored
 
 
 def evaluate_model(
     config: ExperimentConfig, model_uri: str
 ) -> tuple[dict[str, float], dict[str, Path], dict]:
-    """Load the model, score it on the held-out split; returns metrics, plot files and model info."""
+    """Load the model and score it: MLM, alignment and retrieval on the hash hold-out of
+    `tokens/`, zero-shot on every labelled video (the evalset's tokens, which evaluate made
+    beforehand with the model's codebook and tokenizer). Returns metrics, plot files and the
+    model's metadata, with `unscored_labelled_videos` (source_uri -> why) added to it."""
     import torch
 
     from videobert.registry import load_registered_model
@@ -305,13 +459,20 @@ def evaluate_model(
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = model.to(device).eval()
     max_len = int(meta.get("max_seq_len", config.model.max_seq_len))
-    tokens = read_tokens(config.output, meta["codebook_version"], meta["tokenizer_version"], config.s3)
+    codebook_version, tokenizer_version = meta["codebook_version"], meta["tokenizer_version"]
+    tokens = read_tokens(config.output, codebook_version, tokenizer_version, config.s3)
     held = [in_holdout(v, config.evaluate.holdout_fraction) for v in tokens["video_id"].to_pylist()]
     holdout = tokens.filter(pa.array(held, pa.bool_()))
-    if holdout.num_rows == 0:
+    items: list[ZeroShotItem] = []
+    unscored: dict[str, str] = {}
+    if config.evaluate.labels:
+        labelled = read_tokens(evalset_root(config), codebook_version, tokenizer_version, config.s3)
+        items, unscored = zero_shot_items(read_labels(config.evaluate.labels, config), labelled)
+    if holdout.num_rows == 0 and not items:
         raise ConfigError(
             f"no held-out token rows (evaluate.holdout_fraction={config.evaluate.holdout_fraction}, "
-            f"{tokens.num_rows} rows in all): raise the fraction or add videos"
+            f"{tokens.num_rows} rows in all) and no labelled video to score (evaluate.labels="
+            f"{config.evaluate.labels}): raise the fraction, add videos or set evaluate.labels"
         )
     rows: HeldOut = rows_to_columns(holdout)
     metrics: dict[str, float] = {"heldout_segments": float(rows.num_rows)}
@@ -320,11 +481,11 @@ def evaluate_model(
     metrics |= align
     retrieval, ranks = retrieval_eval(model, vocab, rows, max_len)
     metrics |= retrieval
-    tokenizer = TextTokenizer.load(Layout(config.output).tokenizer(meta["tokenizer_version"]), config.s3)
-    items = zero_shot_items(config, holdout, set(rows.columns["video_id"]))
+    tokenizer = TextTokenizer.load(Layout(config.output).tokenizer(tokenizer_version), config.s3)
     verbs, objects = label_classes(config)
     zs_metrics, zs_details = zero_shot(model, vocab, tokenizer.encode, items, max_len, verbs, objects)
     metrics |= zs_metrics
+    meta = {**meta, "unscored_labelled_videos": unscored}
 
     plots_dir = Path(tempfile.mkdtemp(prefix="videobert-eval-"))
     plots: dict[str, Path] = {}

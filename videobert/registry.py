@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 CHAMPION = "champion"
 CANDIDATE = "candidate"
 EVAL_RUN_TAG = "eval.run_id"  # on a version: the run that evaluated it
+MISSING_METRIC_TAG = "evaluation.missing"  # on a version: why its evaluation lacks a metric
 MODEL_FILES_DIR = "videobert"  # our plain files' folder among the logged pyfunc's artifacts
 
 
@@ -308,6 +309,16 @@ class PromotionDecision:
     reason: str
 
 
+def not_evaluated_reason(client: MlflowClient, model_name: str, version: str, metric: str) -> str:
+    """Why a version has no score on `metric`: never evaluated, or evaluated without it (the
+    cause evaluate recorded in MISSING_METRIC_TAG, e.g. no labelled video could be scored)."""
+    tags = client.get_model_version(model_name, version).tags
+    if EVAL_RUN_TAG not in tags:
+        return f"not evaluated: v{version} has no {eval_tag(metric)} tag (run `videobert evaluate`)"
+    cause = tags.get(MISSING_METRIC_TAG) or "the evaluation recorded no such metric"
+    return f"not evaluated: evaluation run {tags[EVAL_RUN_TAG]} gave no {eval_tag(metric)}: {cause}"
+
+
 def promote(client: MlflowClient, model_name: str, version: str, metric: str) -> PromotionDecision:
     """Point `champion` at `version` if it beats the current champion on `metric` (higher wins).
 
@@ -321,7 +332,7 @@ def promote(client: MlflowClient, model_name: str, version: str, metric: str) ->
     champion_version = alias_version(client, model_name, CHAMPION)
     champion_score = version_score(client, model_name, champion_version, metric) if champion_version else None
     if candidate_score is None:
-        promoted, reason = False, f"not evaluated: no {eval_tag(metric)} tag (run `videobert evaluate`)"
+        promoted, reason = False, not_evaluated_reason(client, model_name, version, metric)
     elif champion_version is None:
         promoted, reason = True, "no champion yet"
     elif champion_version == version:

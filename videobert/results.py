@@ -108,6 +108,8 @@ class EvaluationResult:
     metrics: dict[str, float] = field(default_factory=dict)
     skipped: bool = False
     """True when the version already had an evaluation."""
+    unreadable: dict[str, str] = field(default_factory=dict)
+    """source_uri -> why, for each labelled video that could not be scored."""
 
 
 # ---- video stages ----------------------------------------------------------------------------

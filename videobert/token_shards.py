@@ -329,10 +329,19 @@ def plan_tokenize(
     config: ExperimentConfig, codebook: CodebookResult, tokenizer: TokenizerResult
 ) -> TokenizePlan:
     """Compare the `ok` videos with the tokens manifest; remove token files of videos that
-    failed since (they were made from features that no longer count)."""
+    failed since (they were made from features that no longer count).
+
+    Labelled videos (`evaluate.labels`) are left out, and any token file of theirs is removed:
+    zero-shot scores every one of them, so none may be trained on. Evaluate tokenizes them
+    into their own tables (`evaluation.evalset_root`) with the same code.
+    """
+    from videobert.evaluation import labelled_video_ids
+
     output, s3 = config.output, config.s3
     manifest = read_manifest(output, s3)
     ok = manifest.filter(pc.equal(manifest.column("status"), "ok"))
+    labelled = pa.array(sorted(labelled_video_ids(config)), pa.string())
+    ok = ok.filter(pc.invert(pc.is_in(ok.column("video_id"), labelled)))
     directory = Layout(output).tokens(codebook.version, tokenizer.version)
     files = {storage.stem(f): f for f in storage.list_files(directory, s3, suffix=".parquet")}
     made_from = {
