@@ -57,7 +57,7 @@ def prepare_labelled(config: ExperimentConfig, model: ModelVersionInfo) -> dict[
     the model's codebook and tokenizer; returns source_uri -> why for each that cannot be read."""
     from videobert.evaluation import adopt_extracted, evalset_config, plan_evalset, unreadable_labelled_videos
     from videobert.features import encoder_id
-    from videobert.tables import Layout, append_manifest
+    from videobert.tables import Layout, upsert_manifest
     from videobert.token_shards import plan_tokenize, record_tokenized
     from videobert.videos import ClipFeatures, ExtractCommitter
 
@@ -65,10 +65,10 @@ def prepare_labelled(config: ExperimentConfig, model: ModelVersionInfo) -> dict[
     plan = plan_evalset(config, encoder)
     evalset = evalset_config(config)
     adopt_extracted(config, plan.adopt)
-    append_manifest(evalset.output, plan.relinked, config.s3)
+    upsert_manifest(evalset.output, plan.relinked, config.s3)
     summary = VideoStageSummary("evaluate", run_id=stage_run_id("evaluate"), listed=len(plan.videos))
     summary.skipped = len(plan.videos) - len(plan.adopt) - len(plan.todo)
-    committer = ExtractCommitter(evalset, plan.todo, summary, encoder)
+    committer = ExtractCommitter(evalset, plan.todo, summary, encoder, plan.manifest)
     if plan.todo:
         log.info("extracting %d labelled videos into %s", len(plan.todo), evalset.output)
         for video in decoded_videos(evalset, plan.todo, ClipFeatures):

@@ -36,7 +36,7 @@ from videobert.metrics import (
     top_k_accuracy,
 )
 from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab, VideoBert
-from videobert.tables import Layout, append_manifest, read_manifest, video_id
+from videobert.tables import Layout, read_manifest, upsert_manifest, video_id
 from videobert.training import forward, to_device
 from videobert.training_examples import IGNORE, JOINT, Example, ExampleBuilder, build_sequence, pack
 from videobert.videos import is_up_to_date, relinked_rows, rows_by_video, videos_to_do
@@ -341,6 +341,8 @@ class EvalSetPlan:
     """Videos to decode and encode (extract's code, into the evalset's tables)."""
     relinked: list[dict[str, Any]]
     """Evalset manifest rows whose transcript sidecar changed (as extract's relinking)."""
+    manifest: dict[str, dict[str, Any]]
+    """video_id -> its current evalset manifest row."""
 
 
 def plan_evalset(config: ExperimentConfig, encoder: str) -> EvalSetPlan:
@@ -385,7 +387,7 @@ def plan_evalset(config: ExperimentConfig, encoder: str) -> EvalSetPlan:
     adopted = {v["video_id"] for v in adopt}
     todo = [v for v in stale if v["video_id"] not in adopted]
     kept = [v for v in videos if v["video_id"] not in stale_ids and done[v["video_id"]]["status"] == "ok"]
-    return EvalSetPlan(videos, missing, adopt, todo, relinked_rows(done, kept))
+    return EvalSetPlan(videos, missing, adopt, todo, relinked_rows(done, kept), done)
 
 
 def adopt_extracted(config: ExperimentConfig, videos: list[dict[str, Any]]) -> None:
@@ -400,7 +402,7 @@ def adopt_extracted(config: ExperimentConfig, videos: list[dict[str, Any]]) -> N
         storage.write_parquet(table, target.features_file(vid), config.s3)
         row = {k: v for k, v in extracted[vid].items() if k not in ("updated_at", "transcript_error")}
         rows.append({**row, "transcript_uri": video["transcript_uri"]})
-    append_manifest(target.output, rows, config.s3)
+    upsert_manifest(target.output, rows, config.s3)
 
 
 def unreadable_labelled_videos(
