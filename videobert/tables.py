@@ -333,12 +333,11 @@ def _open_table(directory: str, schema: pa.Schema, s3: S3Config | None) -> Any:
         except DeltaError:
             if _existing_table(uri, options) is None:  # not a lost race: a real failure
                 raise
+        for part in parts:  # only now that the table holds their rows
+            storage.delete(part, s3)
         if parts:
             log.info("converted %d Parquet-log parts of %s into a Delta table", len(parts), directory)
         table = _existing_table(uri, options)
-    # Parts left by a conversion that died before removing them: the table already holds them.
-    for part in legacy_parts(directory, s3):
-        storage.delete(part, s3)
     return table
 
 
@@ -444,6 +443,10 @@ def maintain(directory: str, s3: S3Config | None = None) -> None:
     table = _existing_table(*delta_location(directory, s3))
     if table is None:
         return
+    # Parts left by a conversion that died before removing them (the table holds their rows):
+    # looked for here, once a stage, not on every commit, since it lists the whole directory.
+    for part in legacy_parts(directory, s3):
+        storage.delete(part, s3)
     if len(table.file_uris()) > MAX_FILES:
         table.optimize.compact()
     table.vacuum(dry_run=False)
