@@ -33,6 +33,7 @@ import numpy as np
 from pipelines.common import init_ray, stage_main
 from pipelines.ray_stages import decoded_videos, tokenized_videos
 from videobert.config import ExperimentConfig, parse_model_uri
+from videobert.metrics import combined_metric
 from videobert.results import (
     CodebookResult,
     EvaluationResult,
@@ -109,8 +110,11 @@ def record_missing_metric(
         if MISSING_METRIC_TAG in client.get_model_version(name, version).tags:
             client.delete_model_version_tag(name, version, MISSING_METRIC_TAG)
         return
-    if not metric.startswith("zero_shot"):
-        cause = f"evaluate computed no {metric}"
+    missing = metric
+    if metric == config.evaluate.combined_metric:  # name the part that is missing
+        missing = next((m for m in config.evaluate.combined_weights if m not in metrics), metric)
+    if not missing.startswith("zero_shot"):
+        cause = f"evaluate computed no {missing}"
     elif not config.evaluate.labels:
         cause = "evaluate.labels is not set, so no video was scored zero-shot"
     else:
@@ -153,6 +157,9 @@ def run(config: ExperimentConfig) -> EvaluationResult:
     unreadable = dict(sorted({**meta.pop("unscored_labelled_videos", {}), **unreadable}.items()))
 
     finite = {k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)}
+    combined = combined_metric(finite, config.evaluate.combined_weights)
+    if combined is not None:
+        finite[config.evaluate.combined_metric] = combined
     run_id = record_evaluation(name, version, finite, plots, meta)
     if config.evaluate.labels:
         client.set_tag(run_id, UNREADABLE_TAG, str(len(unreadable)))

@@ -136,3 +136,30 @@ def test_report_and_plots(tmp_path) -> None:
     assert "| masked_text_accuracy | nan |" in report
     assert "| videos | 12 |" in report
     assert "![ROC](roc.png)" in report and "![Ranks](ranks.png)" in report
+
+
+def test_cross_modal_metrics_by_hand() -> None:
+    """Alignment and retrieval from one score matrix; a video's other segments are neither
+    negatives nor candidates."""
+    videos = ["a", "a", "b", "c"]
+    scores = np.array(
+        [
+            [2.0, 5.0, 1.0, 0.0],  # a's other segment (5.0) scores higher, but does not count
+            [5.0, -1.0, 3.0, 0.0],
+            [0.0, 0.0, 4.0, 1.0],
+            [1.0, 2.0, 0.0, 0.5],
+        ]
+    )
+    result = metrics.cross_modal_metrics(scores, videos, named=[True, False, True, False])
+    positives = np.diag(scores)
+    negatives = [scores[i, j] for i in range(4) for j in range(4) if videos[i] != videos[j]]
+    by_pairs = np.mean([(p > n) + 0.5 * (p == n) for p in positives for n in negatives])
+    assert result["alignment_auc"] == pytest.approx(by_pairs)
+    assert result["alignment_pairs"] == 4 + 10
+    assert result["alignment_accuracy"] == pytest.approx(0.5 * (3 / 4 + 5 / 10))
+    assert result["retrieval_recall_at_1"] == pytest.approx(0.5)  # ranks 1, 3, 1, 3
+    assert result["retrieval_median_rank"] == pytest.approx(2.0)
+    assert result["retrieval_candidates"] == pytest.approx(3.5)
+    assert result["retrieval_chance_recall_at_1"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 4 + 1 / 4) / 4)
+    assert result["retrieval_recall_at_1_named"] == 1.0 and result["retrieval_queries_named"] == 2
+    assert "retrieval_recall_at_1_named" not in metrics.cross_modal_metrics(scores, videos)

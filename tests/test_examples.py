@@ -44,7 +44,8 @@ def test_regimes_mixed_in_every_batch_and_layout():
             assert video[1:-1].all() and (ex.token_type_ids == 1).all()
         else:
             split = int(np.flatnonzero(original == VIDEO_SEP)[0])
-            assert not video[:split].any() and video[split + 1 : -1].all()
+            # a misaligned pair's masks have no targets to restore: [MASK] may stand for a word
+            assert not video[:split].any() and (video | (original == MASK))[split + 1 : -1].all()
             assert (ex.token_type_ids[: split + 1] == 0).all() and (ex.token_type_ids[split + 1 :] == 1).all()
 
 
@@ -69,7 +70,29 @@ def test_masking_statistics():
     examples = build()
     assert all((e.labels != IGNORE).any() == (e.aligned != 0) for e in examples)
     assert any(e.aligned == 0 for e in examples)
-    assert all((e.labels != IGNORE).any() for e in build(ExamplesConfig(mlm_on_misaligned=True)))
+    keep_mlm = build(ExamplesConfig(misaligned_masking="input_and_mlm"))
+    assert all((e.labels != IGNORE).any() for e in keep_mlm)
+    with pytest.raises(ConfigError, match="misaligned_masking"):
+        ExamplesConfig(misaligned_masking="sometimes")
+
+
+def _masked_share(examples: list, aligned: int) -> float:
+    """Share of the text+video examples with this alignment whose input holds a [MASK]."""
+    joint = [e for e in examples if e.regime == JOINT and e.aligned == aligned]
+    return float(np.mean([(e.input_ids == MASK).any() for e in joint]))
+
+
+def test_misaligned_pairs_are_masked_like_aligned_ones():
+    """ "Has a [MASK]" must not tell aligned from misaligned pairs: the head would learn that
+    rule and fail on held-out pairs, which evaluation feeds unmasked (issue 13)."""
+    examples = [ex for seed in range(30) for ex in build(seed=seed)]
+    aligned, misaligned = _masked_share(examples, 1), _masked_share(examples, 0)
+    assert aligned > 0.5 and abs(aligned - misaligned) < 0.1
+    # the old behaviour, kept behind the key, has the shortcut
+    unmasked = [
+        ex for seed in range(30) for ex in build(ExamplesConfig(misaligned_masking="none"), seed=seed)
+    ]
+    assert _masked_share(unmasked, 0) == 0.0
 
 
 def test_regime_weights_set_the_shares_of_every_batch():
@@ -92,7 +115,10 @@ def test_subsampling_rates_and_misaligned_half():
     joint = [e for e in examples if e.regime == JOINT]
     assert abs(np.mean([e.aligned for e in joint]) - 0.5) < 0.08
     # With one rate only and no concatenation, aligned pairs carry exactly their own segment's video.
-    config = ExamplesConfig(max_subsample=1, concat_prob=0.0, mask_prob=0.01)
+    # (MLM targets kept on misaligned pairs too, so that every input can be restored.)
+    config = ExamplesConfig(
+        max_subsample=1, concat_prob=0.0, mask_prob=0.01, misaligned_masking="input_and_mlm"
+    )
     builder = ExampleBuilder(VOCAB, 64, config)
     segments = segments_from_columns(COLUMNS)
     own = {tuple(VOCAB.video_ids(s.video_tokens)) for s in segments}

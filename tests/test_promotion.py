@@ -87,7 +87,12 @@ def test_a_missing_metric_is_not_evaluated_with_its_cause(tmp_path):
 
     name = "videobert-missing"
     store = f"sqlite:///{tmp_path}/mlflow.db"
-    overrides = [f"output={tmp_path}", f"mlflow.tracking_uri={store}", f"mlflow.registered_model={name}"]
+    overrides = [
+        f"output={tmp_path}",
+        f"mlflow.tracking_uri={store}",
+        f"mlflow.registered_model={name}",
+        f"evaluate.metric={METRIC}",
+    ]
     config = load_config(None, [*overrides, f"evaluate.labels={tmp_path}/labels.csv"])
     use_tracking_uri(store)
     mlflow.set_experiment(config.mlflow.experiment)
@@ -116,5 +121,41 @@ def test_a_missing_metric_is_not_evaluated_with_its_cause(tmp_path):
         assert "evaluate.labels is not set" in promote(client, name, candidate, METRIC).reason
         evaluate.record_missing_metric(client, name, candidate, config, {METRIC: 0.5}, {})
         assert "evaluation.missing" not in client.get_model_version(name, candidate).tags
+    finally:
+        mlflow.set_tracking_uri(None)
+
+
+def test_the_combined_metric_weighs_alignment_and_names_its_missing_part(tmp_path):
+    """Promotion's default metric is the configured weighted mean; a part that is missing
+    leaves it missing (a partial evaluation never wins), and the cause names that part."""
+    from pipelines import evaluate
+    from videobert.config import ConfigError, load_config
+    from videobert.metrics import combined_metric
+
+    config = load_config(None, ["evaluate.combined_weights={alignment_auc: 3, zero_shot_object_top1: 1}"])
+    assert config.evaluate.metric == config.evaluate.combined_metric == "videobert_score"
+    weights = config.evaluate.combined_weights
+    assert combined_metric({"alignment_auc": 0.9, "zero_shot_object_top1": 0.5}, weights) == pytest.approx(
+        0.8
+    )
+    # object accuracy alone does not make a champion: a model at chance on alignment scores lower
+    assert combined_metric({"alignment_auc": 0.5, "zero_shot_object_top1": 1.0}, weights) < 0.8
+    assert combined_metric({"zero_shot_object_top1": 1.0}, weights) is None
+    assert combined_metric({"alignment_auc": float("nan"), "zero_shot_object_top1": 1.0}, weights) is None
+    for bad in ("{a: -1}", "{}", "[1, 2]"):
+        with pytest.raises(ConfigError, match="combined_weights"):
+            load_config(None, [f"evaluate.combined_weights={bad}"])
+
+    store = f"sqlite:///{tmp_path}/mlflow.db"
+    use_tracking_uri(store)
+    mlflow.set_experiment(config.mlflow.experiment)
+    try:
+        client = MlflowClient()
+        version = _new_version(client, "videobert-combined", None)
+        evaluate.record_missing_metric(
+            client, "videobert-combined", version, config, {"zero_shot_object_top1": 1.0}, {}
+        )
+        cause = client.get_model_version("videobert-combined", version).tags["evaluation.missing"]
+        assert "alignment_auc" in cause
     finally:
         mlflow.set_tracking_uri(None)

@@ -369,6 +369,9 @@ class ModelConfig:
             )
 
 
+MISALIGNED_MASKING = ("input", "input_and_mlm", "none")
+
+
 @dataclass
 class ExamplesConfig:
     """How token rows become training examples: the paper's three regimes and augmentations."""
@@ -385,9 +388,12 @@ class ExamplesConfig:
     """Share of text+video examples whose video comes from elsewhere."""
     regime_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
     """Relative shares of the text-only, video-only and text+video regimes in every batch."""
-    mlm_on_misaligned: bool = False
-    """Mask tokens of misaligned text+video pairs too. Off, as in ViLBERT: a masked word
-    predicted next to the wrong video teaches the model that the video does not matter."""
+    misaligned_masking: str = "input"
+    """How misaligned text+video pairs are masked. `input` (default): their input is masked
+    like an aligned pair's, but their masked tokens are not MLM targets (a word predicted next
+    to the wrong video teaches that the video does not matter). `input_and_mlm`: masked, and
+    the MLM loss kept. `none`: left unmasked, which lets the alignment head tell the pairs apart
+    by "has a [MASK]" alone and fail on unmasked held-out pairs (README, issue 13 results)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.mask_prob < 1:
@@ -396,6 +402,11 @@ class ExamplesConfig:
             raise ConfigError("examples.max_subsample and examples.max_concat must be >= 1")
         if not 0 <= self.concat_prob <= 1 or not 0 <= self.misaligned_fraction <= 1:
             raise ConfigError("examples.concat_prob and examples.misaligned_fraction must be in [0, 1]")
+        if self.misaligned_masking not in MISALIGNED_MASKING:
+            raise ConfigError(
+                f"examples.misaligned_masking must be one of {', '.join(MISALIGNED_MASKING)}, "
+                f"got {self.misaligned_masking!r}"
+            )
         weights = self.regime_weights
         if len(weights) != 3 or min(weights) < 0 or not any(weights):
             raise ConfigError(
@@ -488,10 +499,27 @@ class EvaluateConfig:
     """CSV or Parquet with source_uri, verb, object for zero-shot classification."""
     holdout_fraction: float = 0.1
     """Share of videos held out of training for evaluation (by video_id hash)."""
-    metric: str = "zero_shot_object_top1"
-    """Metric that decides promotion (higher is better)."""
+    metric: str = "videobert_score"
+    """Metric that decides promotion (higher is better): any metric evaluate records, or the
+    combined metric below."""
+    combined_metric: str = "videobert_score"
+    """Name of the combined metric evaluate records: the weighted mean of `combined_weights`."""
+    combined_weights: dict[str, float] = field(
+        default_factory=lambda: {
+            "zero_shot_object_top1": 1.0,
+            "zero_shot_verb_top1": 1.0,
+            "alignment_auc": 1.0,
+            "retrieval_recall_at_1": 1.0,
+        }
+    )
+    """metric -> weight. The default weighs what is shown (objects), what is done (verbs) and
+    which narration goes with which footage (alignment, retrieval) alike, so a model that only
+    names objects cannot take the champion alias from one that also aligns."""
 
     def __post_init__(self) -> None:
+        weights = self.combined_weights
+        if not weights or min(weights.values()) < 0 or not any(weights.values()):
+            raise ConfigError("evaluate.combined_weights must map metrics to non-negative weights, not all 0")
         if self.model_uri is None:
             return
         # Evaluation tags the version the alias points to now, and promotion moves aliases.
@@ -647,6 +675,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
         return _build(annotation, value, key + ".")
+    if origin is dict:
+        key_type, value_type = typing.get_args(annotation)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {
+            _coerce(k, key_type, f"{key} key"): _coerce(v, value_type, f"{key}.{k}") for k, v in value.items()
+        }
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if isinstance(value, str):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -28,11 +29,9 @@ import torch
 from videobert import reports, storage
 from videobert.config import ConfigError, ExamplesConfig, ExperimentConfig
 from videobert.metrics import (
-    binary_accuracy,
     confusion_matrix,
-    retrieval_metrics,
+    cross_modal_metrics,
     retrieval_ranks,
-    roc_auc,
     top_k_accuracy,
 )
 from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab, VideoBert
@@ -118,55 +117,53 @@ def mlm_metrics(
     }
 
 
-def alignment_metrics(
-    model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, seed: int = 0
-) -> tuple[dict[str, float], np.ndarray, np.ndarray]:
-    """Accuracy and ROC AUC of the alignment head: each segment with its own video and with another video's."""
-    rng = np.random.default_rng(seed)
+def cross_modal_eval(
+    model: VideoBert,
+    vocab: JointVocab,
+    rows: HeldOut,
+    max_len: int,
+    named: Sequence[bool] | None = None,
+    max_items: int = 64,
+    seed: int = 0,
+) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Alignment and text->video retrieval over held-out segments, from one score matrix:
+    score[i, j] = alignment(text_i, video_j), every pair fed unmasked (metrics.cross_modal_metrics).
+
+    At most `max_items` segments with both text and video (a seeded draw when there are more);
+    `named` marks the segments whose text names their video's label (reported apart).
+    Returns the metrics and, for the plots, the pair probabilities, labels and ranks.
+    """
     cols = rows.columns
     usable = [i for i in range(rows.num_rows) if len(cols["text_ids"][i]) and len(cols["video_tokens"][i])]
-    examples, labels = [], []
-    for i in usable:
-        others = [j for j in usable if cols["video_id"][j] != cols["video_id"][i]]
-        if not others:
-            continue
-        j = int(rng.choice(others))
-        examples.append(joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][i], max_len))
-        labels.append(1)
-        examples.append(joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][j], max_len))
-        labels.append(0)
-    if not examples:
-        return {"alignment_accuracy": float("nan"), "alignment_auc": float("nan")}, np.zeros(0), np.zeros(0)
-    scores = _alignment_scores(model, examples, max_len)
-    probabilities = 1 / (1 + np.exp(-scores))
-    label_array = np.asarray(labels)
-    return (
-        {
-            "alignment_accuracy": binary_accuracy(probabilities, label_array),
-            "alignment_auc": roc_auc(probabilities, label_array),
-        },
-        probabilities,
-        label_array,
-    )
-
-
-def retrieval_eval(
-    model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, max_items: int = 32
-) -> tuple[dict[str, float], np.ndarray]:
-    """Text->video retrieval over held-out segments: score[i, j] = alignment(text_i, video_j)."""
-    cols = rows.columns
-    usable = [i for i in range(rows.num_rows) if len(cols["text_ids"][i]) and len(cols["video_tokens"][i])]
-    usable = usable[:max_items]
-    if len(usable) < 2:
-        return {}, np.zeros(0)
+    if len(usable) > max_items:
+        usable = sorted(np.random.default_rng(seed).choice(usable, max_items, replace=False).tolist())
+    videos = [cols["video_id"][i] for i in usable]
+    if len(usable) < 2 or len(set(videos)) < 2:
+        return {}, {}
     examples = [
         joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][j], max_len)
         for i in usable
         for j in usable
     ]
     scores = _alignment_scores(model, examples, max_len).reshape(len(usable), len(usable))
-    metrics = retrieval_metrics(scores)
-    return {f"retrieval_{k}": float(v) for k, v in metrics.items()}, retrieval_ranks(scores)
+    named_usable = None if named is None else [bool(named[i]) for i in usable]
+    metrics = cross_modal_metrics(scores, videos, named_usable)
+    same_video = np.asarray(videos)[:, None] == np.asarray(videos)[None, :]
+    pair_scores = np.concatenate([np.diag(scores), scores[~same_video]])
+    details = {
+        "probabilities": 1 / (1 + np.exp(-pair_scores)),
+        "labels": np.concatenate([np.ones(len(usable)), np.zeros(int((~same_video).sum()))]),
+        "ranks": retrieval_ranks(np.where(same_video & ~np.eye(len(usable), dtype=bool), -np.inf, scores)),
+    }
+    return metrics, details
+
+
+def names_label(text: str, label: tuple[str, str] | None) -> bool:
+    """Does a segment's text name its video's labelled verb or object (a whole word)?"""
+    if label is None:
+        return False
+    words = set(re.findall(r"[a-z0-9']+", text.lower()))
+    return any(part.lower() in words for part in label)
 
 
 @dataclass
@@ -467,9 +464,16 @@ def evaluate_model(
     holdout = tokens.filter(pa.array(held, pa.bool_()))
     items: list[ZeroShotItem] = []
     unscored: dict[str, str] = {}
+    label_of: dict[str, tuple[str, str]] = {}
     if config.evaluate.labels:
+        labels_table = read_labels(config.evaluate.labels, config)
         labelled = read_tokens(evalset_root(config), codebook_version, tokenizer_version, config.s3)
-        items, unscored = zero_shot_items(read_labels(config.evaluate.labels, config), labelled)
+        items, unscored = zero_shot_items(labels_table, labelled)
+        label_of = {item.video_id: (item.verb, item.object) for item in items}
+        # The labelled videos are never trained on either: they join the hash hold-out for
+        # MLM, alignment and retrieval (more held-out pairs, steadier figures).
+        labelled = labelled.filter(pa.array([v in label_of for v in labelled["video_id"].to_pylist()]))
+        holdout = pa.concat_tables([holdout.select(labelled.schema.names), labelled])
     if holdout.num_rows == 0 and not items:
         raise ConfigError(
             f"no held-out token rows (evaluate.holdout_fraction={config.evaluate.holdout_fraction}, "
@@ -477,12 +481,15 @@ def evaluate_model(
             f"{config.evaluate.labels}): raise the fraction, add videos or set evaluate.labels"
         )
     rows: HeldOut = rows_to_columns(holdout)
+    named = [
+        names_label(str(text or ""), label_of.get(vid))
+        for vid, text in zip(holdout["video_id"].to_pylist(), holdout["text"].to_pylist(), strict=True)
+    ]
     metrics: dict[str, float] = {"heldout_segments": float(rows.num_rows)}
     metrics |= mlm_metrics(model, vocab, rows, max_len, seed=config.train.seed)
-    align, probabilities, labels = alignment_metrics(model, vocab, rows, max_len, seed=config.train.seed)
-    metrics |= align
-    retrieval, ranks = retrieval_eval(model, vocab, rows, max_len)
-    metrics |= retrieval
+    cross_modal, pairs = cross_modal_eval(model, vocab, rows, max_len, named, seed=config.train.seed)
+    metrics |= cross_modal
+    probabilities, labels, ranks = (pairs.get(k, np.zeros(0)) for k in ("probabilities", "labels", "ranks"))
     tokenizer = TextTokenizer.load(Layout(config.output).tokenizer(tokenizer_version), config.s3)
     verbs, objects = label_classes(config)
     zs_metrics, zs_details = zero_shot(model, vocab, tokenizer.encode, items, max_len, verbs, objects)

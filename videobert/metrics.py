@@ -170,3 +170,63 @@ def confusion_matrix(targets: Any, predictions: Any, num_classes: int) -> np.nda
     matrix = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(matrix, (targets, predictions), 1)
     return matrix
+
+
+def cross_modal_metrics(scores: Any, video_ids: Sequence[str], named: Any | None = None) -> dict[str, float]:
+    """Alignment and text->video retrieval from one score matrix of held-out segments.
+
+    `scores[i, j]` is the alignment logit of segment i's text with segment j's video. Segment
+    i's own video is the positive; the videos of segments from *other* videos are negatives
+    (another segment of the same video is neither: it may show the same thing). Alignment:
+    ROC AUC over every positive and negative pair, and balanced accuracy at logit 0 (what a
+    1:1 draw of negatives measures, without the noise of drawing them). Retrieval ranks each
+    text's own video among all segments except its video's other segments.
+
+    `named` (bool per segment), when given, adds the same metrics over the queries it
+    marks with the suffix `_named`: e.g. texts that name the video's labelled object or verb,
+    apart from fillers ("hello everyone.") that no model can match to a video.
+    """
+    scores = to_numpy(scores).astype(np.float64)
+    videos = np.asarray(video_ids)
+    n = len(videos)
+    if scores.shape != (n, n):
+        raise ValueError(f"scores {scores.shape} for {n} segments")
+    same_video = videos[:, None] == videos[None, :]
+    metrics = _cross_modal(scores, same_video, np.ones(n, bool), "")
+    if named is not None and np.asarray(named, bool).any():
+        metrics |= _cross_modal(scores, same_video, np.asarray(named, bool), "_named")
+    return metrics
+
+
+def _cross_modal(
+    scores: np.ndarray, same_video: np.ndarray, queries: np.ndarray, suffix: str
+) -> dict[str, float]:
+    negatives = ~same_video & queries[:, None]
+    positives = np.diag(scores)[queries]
+    if not negatives.any():
+        return {}
+    negative_scores = scores[negatives]
+    pair_scores = np.concatenate([positives, negative_scores])
+    pair_labels = np.concatenate([np.ones(len(positives)), np.zeros(len(negative_scores))])
+    gallery = np.where(same_video & ~np.eye(len(scores), dtype=bool), -np.inf, scores)[queries]
+    targets = np.flatnonzero(queries)
+    candidates = (~(same_video & ~np.eye(len(scores), dtype=bool))).sum(1)[queries]
+    metrics = {
+        "alignment_auc": roc_auc(pair_scores, pair_labels),
+        "alignment_accuracy": 0.5 * (float((positives > 0).mean()) + float((negative_scores <= 0).mean())),
+        "alignment_pairs": float(len(pair_scores)),
+        "retrieval_queries": float(queries.sum()),
+        "retrieval_candidates": float(candidates.mean()),
+        "retrieval_chance_recall_at_1": float((1.0 / candidates).mean()),
+    }
+    metrics |= {f"retrieval_{k}": v for k, v in retrieval_metrics(gallery, targets).items()}
+    return {k + suffix: v for k, v in metrics.items()}
+
+
+def combined_metric(metrics: dict[str, float], weights: dict[str, float]) -> float | None:
+    """Weighted mean of `metrics` named in `weights` (evaluate.combined_weights); None when one
+    of them is missing or not finite, so a partial evaluation never wins a promotion."""
+    values = [metrics.get(name) for name in weights]
+    if any(v is None or not np.isfinite(v) for v in values):
+        return None
+    return float(sum(w * v for w, v in zip(weights.values(), values, strict=True)) / sum(weights.values()))

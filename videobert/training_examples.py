@@ -8,8 +8,9 @@ row, with the three regimes of VideoBERT mixed in every batch (in equal shares b
 - video-only MLM:  `[CLS] video [SEP]`               (token type 1)
 - text+video:      `[CLS] text [>] video [SEP]`      MLM + linguistic-visual alignment on [CLS];
   half the pairs are misaligned, their video drawn from another segment of the batch
-  (another video when the batch has one). Misaligned pairs train the alignment head only,
-  without masked tokens (as ViLBERT does; `examples.mlm_on_misaligned`).
+  (another video when the batch has one). Misaligned pairs are masked like aligned ones,
+  but their masked tokens are not MLM targets (`examples.misaligned_masking`): masking
+  only aligned pairs would let the alignment head read "has a [MASK]" instead of the match.
 
 Augmentations from the paper: the video tokens are subsampled at a random rate of 1-5 steps,
 and a segment is randomly concatenated with its following neighbours of the same video.
@@ -173,10 +174,13 @@ class ExampleBuilder:
         rng: np.random.Generator,
     ) -> Example:
         ids, types = build_sequence(self.vocab, regime, text, video, self.max_len)
-        if aligned == 0 and not self.config.mlm_on_misaligned:
+        policy = self.config.misaligned_masking
+        if aligned == 0 and policy == "none":
             return Example(ids, types, np.full_like(ids, IGNORE), regime, aligned, rate)
         maskable = ids >= self.vocab.text_offset
         masked, labels = self._mask(ids, maskable, rng)
+        if aligned == 0 and policy == "input":
+            labels = np.full_like(ids, IGNORE)
         return Example(masked, types, labels, regime, aligned, rate)
 
     # -- a batch ---------------------------------------------------------------------------
