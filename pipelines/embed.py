@@ -45,7 +45,7 @@ def words_of_decoded_videos(
         if video.error:
             committer.commit_video(video.video_id, video.error, error_kind=video.error_kind)
         else:
-            words = [int(clip["visual_word"]) for clip in video.ordered_clips()]
+            words = video.visual_words().tolist()
             items.append({"video_id": video.video_id, "visual_words": words, "features_uri": ""})
     return items
 

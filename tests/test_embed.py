@@ -4,10 +4,15 @@ A tiny world: object videos (one of them copied byte for byte), a corrupt file, 
 on the videos' own features, and two debug-size model versions registered on SQLite with
 `champion` on the first. Expected words and embeddings are computed here in one process,
 from decoded clips and the model's own layers, not through the stage's code.
+
+The same versions carry their input files (random S3D, codebook, decode settings), so the
+registered pyfunc's video interface is tested here too, against the same expectations.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 import shutil
 from collections.abc import Iterator
@@ -16,6 +21,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pyarrow as pa
 import pytest
 import torch
@@ -26,7 +32,7 @@ from pipelines.common import EXIT_MISSING_INPUT
 from tests import videos
 from videobert import storage, tables
 from videobert.codebook import HierarchicalCodebook
-from videobert.config import ExperimentConfig, load_config
+from videobert.config import EncoderConfig, ExperimentConfig, load_config
 from videobert.decode import iter_clips
 from videobert.embedding import embed_videos
 from videobert.features import ClipEncoder, encoder_id
@@ -246,3 +252,151 @@ def test_planning_rules() -> None:
     # Settings the row was made with count too: another encoder means the video is redone.
     todo = videos_to_do(listed, {"same": {"etag": "e1", "status": "ok", "encoder": "a"}}, False, encoder="b")
     assert [v["video_id"] for v in todo] == list(names)
+
+
+# ---- the registered model takes raw video (its `inputs/` artifact) --------------------------
+
+
+def expected_video(world: World, name: str, clips: slice = slice(None)) -> tuple[list[int], np.ndarray]:
+    """Words and embedding by `videobert embed`'s library parts, from the test's own features."""
+    words = world.codebook.assign(world.features[name][clips])
+    return words.tolist(), embed_videos(world.champion, world.vocab, [words], MAX_SEQ_LEN).embedding[0]
+
+
+def test_registered_model_predicts_on_raw_video(world: World, s3_bucket: str, tmp_path: Path) -> None:
+    """One batch: a local mp4, the same kind of mp4 on S3 (moto), a window, and unreadable
+    inputs; each readable row gets embed's words and embedding, each other an error row."""
+    import boto3
+
+    use_tracking_uri(world.config.mlflow.tracking_uri)
+    bucket = s3_bucket.removeprefix("s3://")
+    boto3.client("s3").upload_file(str(world.source / "video1.mp4"), bucket, "clips/video1.mp4")
+    (tmp_path / "notes.mp4").write_text("not a video")
+    pyfunc = mlflow.pyfunc.load_model("models:/videobert@champion")
+    batch = pd.DataFrame(
+        {
+            "video": [
+                str(world.source / "video0.mp4"),
+                f"{s3_bucket}/clips/video1.mp4",
+                str(world.source / "corrupted.mkv"),
+                str(world.source / "video0.mp4"),
+                str(tmp_path / "notes.mp4"),
+                f"{s3_bucket}/clips/absent.mp4",
+            ],
+            "start_s": [None, None, None, 2.0, None, None],  # clips are 1 s: a window of clips 2 and 3
+            "end_s": [None, None, None, 4.0, None, None],
+        }
+    )
+    out = pyfunc.predict(batch)
+    assert list(out.columns) == ["embedding", "cls_embedding", "visual_words", "num_clips", "error"]
+    assert len(out) == len(batch)
+    for row, (name, clips) in enumerate(
+        [("video0.mp4", slice(None)), ("video1.mp4", slice(None)), (None, None), ("video0.mp4", slice(2, 4))]
+    ):
+        if name is None:
+            continue
+        words, embedding = expected_video(world, name, clips)
+        assert out["error"][row] is None, out["error"][row]
+        assert list(out["visual_words"][row]) == words and out["num_clips"][row] == len(words)
+        np.testing.assert_allclose(out["embedding"][row], embedding, atol=1e-5)
+    assert len(out["visual_words"][0]) == 6 and len(out["visual_words"][3]) == 2
+    for row, reason in [(2, "decode:"), (4, "decode: not a readable video"), (5, "")]:
+        assert out["error"][row] and out["error"][row].startswith(reason), out["error"][row]
+        assert out["embedding"][row] is None and out["visual_words"][row] is None
+    assert "absent.mp4" in out["error"][5]
+
+
+def test_registered_model_still_takes_token_ids(world: World) -> None:
+    use_tracking_uri(world.config.mlflow.tracking_uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/videobert/1")
+    words = world.codebook.assign(world.features["video1.mp4"])
+    ids = [CLS, *(world.vocab.video_offset + words).tolist(), SEP]
+    out = pyfunc.predict(pd.DataFrame({"input_ids": [ids]}))
+    assert {"embedding", "cls_embedding", "alignment_score", "mlm_predictions"} <= set(out.columns)
+    with torch.no_grad():
+        hidden = world.champion.encode(torch.tensor([ids]), torch.full((1, len(ids)), VIDEO_TYPE))[0]
+    np.testing.assert_allclose(out["embedding"][0], hidden.mean(0).numpy(), atol=1e-5)
+    # Both forms pass the logged signature as `mlflow models serve` parses a request (the check
+    # log_model itself runs; its public wrapper is deprecated).
+    from mlflow.models.utils import _validate_serving_input as validate_serving_input
+
+    served = validate_serving_input(
+        "models:/videobert/1", json.dumps({"dataframe_records": [{"input_ids": ids}]})
+    )
+    np.testing.assert_allclose(served["embedding"][0], out["embedding"][0], atol=1e-6)
+    video = {"video": str(world.source / "video1.mp4"), "end_s": 2.0}
+    served = validate_serving_input("models:/videobert/1", json.dumps({"dataframe_records": [video]}))
+    assert (
+        served["error"][0] is None
+        and list(served["visual_words"][0]) == expected_video(world, "video1.mp4", slice(2))[0]
+    )
+    with pytest.raises(Exception, match="not both"):
+        pyfunc.predict(pd.DataFrame({"input_ids": [ids], "video": ["x.mp4"]}))
+    with pytest.raises(Exception, match="expected a `video` column"):
+        pyfunc.predict(pd.DataFrame({"start_s": [1.0]}))
+
+
+def test_registered_model_files_and_cards(world: World, tmp_path: Path) -> None:
+    """The version's input files are plain (safetensors and JSON, random S3D as a seed); its
+    card names the codebook and how to call predict, and shows metrics once evaluated."""
+    from mlflow.artifacts import download_artifacts
+
+    from videobert.registry import record_evaluation
+
+    use_tracking_uri(world.config.mlflow.tracking_uri)
+    root = Path(download_artifacts(artifact_uri="models:/videobert/2", dst_path=str(tmp_path)))
+    inputs = root / "artifacts" / "inputs"
+    encoder = json.loads((inputs / "encoder.json").read_text())
+    assert (encoder["weights"], encoder["seed"], encoder["encoder_id"]) == ("random", 0, "s3d-random0-l2")
+    assert not (inputs / "encoder.safetensors").exists()
+    assert json.loads((inputs / "decode.json").read_text()) == dataclasses.asdict(world.config.decode)
+    assert HierarchicalCodebook.load(str(inputs / "codebook")).version == world.codebook.version
+    assert [p.name for p in root.rglob("*.pkl")] == ["python_model.pkl"]  # the class, by reference
+
+    client = mlflow.MlflowClient()
+    assert "mlflow.pyfunc.load_model" in client.get_registered_model("videobert").description
+    card = client.get_model_version("videobert", "2").description
+    assert world.codebook.version in card and "Not evaluated yet" in card
+    assert 'load_model("models:/videobert/2")' in card and '"video": [' in card and "input_ids" in card
+    record_evaluation(
+        "videobert",
+        "2",
+        {"zero_shot_object_top1": 0.75},
+        {},
+        {"codebook_version": "c", "tokenizer_version": "t"},
+    )
+    card = client.get_model_version("videobert", "2").description
+    assert "| zero_shot_object_top1 | 0.7500 |" in card and "Not evaluated yet" not in card
+
+
+def test_model_inputs_store_file_weights_and_check_the_encoder(world: World, tmp_path: Path) -> None:
+    """A state dict travels as encoder.safetensors; a codebook fit on another encoder carries none;
+    an encoder that rebuilds differently is refused."""
+    from safetensors.torch import save_file
+
+    from videobert.features import build_s3d
+    from videobert.model_inputs import ModelInputs, write_model_inputs
+
+    weights = tmp_path / "s3d.safetensors"
+    save_file(build_s3d(EncoderConfig(weights="none", seed=5)).state_dict(), str(weights))
+    config = dataclasses.replace(world.config, encoder=EncoderConfig(weights=str(weights)))
+    other = write_model_inputs(tmp_path / "other", config, world.codebook.save(str(tmp_path / "cb0")), None)
+    assert other["weights"] == "missing" and "s3d-random0-l2" in other["reason"]
+    with pytest.raises(ValueError, match="no video encoder"):
+        ModelInputs.load(tmp_path / "other").encoder_config()
+
+    codebook = HierarchicalCodebook(
+        world.codebook.k,
+        world.codebook.depth,
+        world.codebook.levels,
+        metadata={"encoder": encoder_id(config.encoder)},
+    )
+    meta = write_model_inputs(tmp_path / "file", config, codebook.save(str(tmp_path / "cb")), None)
+    assert meta["weights"] == "file" and (tmp_path / "file" / "encoder.safetensors").exists()
+    inputs = ModelInputs.load(tmp_path / "file")
+    embedder = inputs.video_embedder(world.champion, world.vocab, MAX_SEQ_LEN)
+    (row,) = embedder([{"video_id": "v", "source_uri": str(world.source / "video1.mp4")}])
+    assert row["error"] is None and row["num_clips"] == 6
+    tampered = dataclasses.replace(inputs, encoder={**inputs.encoder, "state_sha256": "0" * 64})
+    with pytest.raises(ValueError, match="not the registered"):
+        tampered.video_embedder(world.champion, world.vocab, MAX_SEQ_LEN)

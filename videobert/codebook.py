@@ -514,6 +514,11 @@ class HierarchicalCodebook:
         return codebook
 
 
+def fitted_encoders(meta: dict[str, Any]) -> list[str]:
+    """The encoder ids a codebook was fit on (its codebook.json `encoder`); [] when unrecorded."""
+    return [e for e in (meta.get("encoder") or "").split(",") if e]
+
+
 def list_codebooks(output: str, s3: S3Config | None = None) -> list[dict[str, Any]]:
     """Metadata of every complete codebook under `<output>/codebook/`, with its `uri`."""
     return versions.list_versions(Layout(output).codebooks, METADATA_FILE, s3)

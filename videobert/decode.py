@@ -78,7 +78,10 @@ def _open(uri: str, s3: S3Config | None, decode: DecodeConfig) -> tuple[Any, Any
     larger than that, whatever the header said.
     """
     if storage.is_s3(uri):
-        source: Any = storage.open_input(uri, s3)
+        try:
+            source: Any = storage.open_input(uri, s3)
+        except FileNotFoundError as error:  # as for a local path: the file's fault, not the storage's
+            raise DecodeError(f"file not found: {uri}") from error
         size = source.size()
     else:
         if not os.path.isfile(uri):

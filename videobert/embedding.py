@@ -12,6 +12,9 @@ chunk is a short remainder with little context. Per video:
 Chunks of many videos run as padded batches, shortest with shortest; padding is masked out of
 attention (`seq_ids`), so a video's embedding does not depend on its batch mates.
 Ray-free: pipelines/embed.py maps `VideoEmbedder` over actors and commits with `EmbedCommitter`.
+`VideoFileEmbedder` runs the same chain (decode_video, ClipWords, `embedding_rows`) in one
+process for the registered model's video interface (videobert/registry.py), so both give a
+video the same words and the same embedding.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import pyarrow as pa
 import torch
 
 from videobert import storage, tables
-from videobert.config import ConfigError, ExperimentConfig, S3Config
+from videobert.config import ConfigError, DecodeConfig, EncoderConfig, ExperimentConfig, S3Config
 from videobert.model import JointVocab, VideoBert
 from videobert.results import EmbedResult
 from videobert.videos import ManifestCommitter
@@ -128,6 +131,49 @@ EMBED_RESULT_SCHEMA = pa.schema(
 """What a VideoEmbedder returns per video: an embedding, or the reason there is none."""
 
 
+def embedding_max_len(model: VideoBert, metadata: dict[str, Any]) -> int:
+    """Tokens per `[CLS] chunk [SEP]` pass: the version's training sequence length (metadata.json)."""
+    return min(int(metadata.get("max_seq_len", model.config.max_positions)), model.config.max_positions)
+
+
+def embedding_rows(
+    model: VideoBert,
+    vocab: JointVocab,
+    max_len: int,
+    ids: Sequence[str],
+    words: dict[str, np.ndarray],
+    errors: dict[str, str],
+) -> list[dict[str, Any]]:
+    """One EMBED_RESULT_SCHEMA row per id, in order: the embedding of its `words`, or its error
+    (from `errors`; a failed forward pass, e.g. out of memory, marks every video it held)."""
+    errors = dict(errors)
+    good = [vid for vid in ids if vid in words and vid not in errors]
+    embedded: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
+    try:
+        if good:
+            result = embed_videos(model, vocab, [words[v] for v in good], max_len)
+            for i, vid in enumerate(good):
+                embedded[vid] = (result.embedding[i], result.cls_embedding[i], int(result.num_chunks[i]))
+    except Exception as error:  # recorded as the videos' errors, never raised
+        errors.update({vid: f"embed: {type(error).__name__}: {error}" for vid in good})
+    rows = []
+    for vid in ids:
+        embedding, cls_embedding, chunks = embedded.get(vid, (None, None, 0))
+        video_words = words.get(vid)
+        rows.append(
+            {
+                "video_id": vid,
+                "error": errors.get(vid),
+                "num_clips": 0 if video_words is None else len(video_words),
+                "num_chunks": chunks,
+                "embedding": None if embedding is None else embedding.tolist(),
+                "cls_embedding": None if cls_embedding is None else cls_embedding.tolist(),
+                "visual_words": None if video_words is None else video_words.astype(np.int32).tolist(),
+            }
+        )
+    return rows
+
+
 class VideoEmbedder:
     """One registered model version (loaded once per actor) turning batches of videos into
     embeddings. A video comes with its visual words, or with extract's features file, whose
@@ -140,9 +186,7 @@ class VideoEmbedder:
         use_tracking_uri(tracking_uri)  # a fresh worker process: point it at the registry
         model, self.vocab, meta = load_registered_model(model_uri)
         self.model = model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
-        self.max_len = min(
-            int(meta.get("max_seq_len", model.config.max_positions)), model.config.max_positions
-        )
+        self.max_len = embedding_max_len(model, meta)
         self.codebook_uri, self.s3 = codebook_uri, s3
         self.codebook = None  # loaded on first use: only reused features need it here
 
@@ -174,31 +218,45 @@ class VideoEmbedder:
                     f"features: cannot reuse {features_uri}: {type(error).__name__}: {error} "
                     "(rerun with embed.reuse_features=false to decode the video instead)"
                 )
-        good = [vid for vid in ids if vid in words]
-        embedded: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
-        try:
-            if good:
-                result = embed_videos(self.model, self.vocab, [words[v] for v in good], self.max_len)
-                for i, vid in enumerate(good):
-                    embedded[vid] = (result.embedding[i], result.cls_embedding[i], int(result.num_chunks[i]))
-        except Exception as error:  # a failed forward (e.g. out of memory) marks the batch's videos
-            errors.update({vid: f"embed: {type(error).__name__}: {error}" for vid in good})
-        rows = []
-        for vid in ids:
-            embedding, cls_embedding, chunks = embedded.get(vid, (None, None, 0))
-            video_words = words.get(vid)
-            rows.append(
-                {
-                    "video_id": vid,
-                    "error": errors.get(vid),
-                    "num_clips": 0 if video_words is None else len(video_words),
-                    "num_chunks": chunks,
-                    "embedding": None if embedding is None else embedding.tolist(),
-                    "cls_embedding": None if cls_embedding is None else cls_embedding.tolist(),
-                    "visual_words": None if video_words is None else video_words.astype(np.int32).tolist(),
-                }
-            )
+        rows = embedding_rows(self.model, self.vocab, self.max_len, ids, words, errors)
         return pa.Table.from_pylist(rows, schema=EMBED_RESULT_SCHEMA)
+
+
+class VideoFileEmbedder:
+    """Video files -> embeddings in this process, through the chain `videobert embed` runs on Ray:
+    `decode_video` (decode's bounds), `ClipWords` (S3D, then the codebook), then `embedding_rows`.
+    Encoder and codebook are built once; the registered model's video interface holds one."""
+
+    def __init__(
+        self,
+        model: VideoBert,
+        vocab: JointVocab,
+        max_len: int,
+        encoder: EncoderConfig,
+        decode: DecodeConfig,
+        codebook_uri: str,
+        s3: S3Config,
+    ) -> None:
+        from videobert.videos import ClipWords
+
+        self.model, self.vocab, self.max_len = model, vocab, max_len
+        self.decode, self.s3, self.clips_per_batch = decode, s3, encoder.clips_per_batch
+        self.words = ClipWords(encoder, decode, s3, codebook_uri)
+
+    def __call__(self, videos: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """`videos`: dicts with `video_id`, `source_uri` and, optionally, a window `start_s` /
+        `end_s` (videos.clip_window). One EMBED_RESULT_SCHEMA row per video, in order."""
+        from videobert.videos import decoded_videos_here
+
+        words: dict[str, np.ndarray] = {}
+        errors: dict[str, str] = {}
+        for video in decoded_videos_here(videos, self.decode, self.s3, self.words, self.clips_per_batch):
+            if video.error:
+                errors[video.video_id] = video.error
+            else:
+                words[video.video_id] = video.visual_words()
+        ids = [v["video_id"] for v in videos]
+        return embedding_rows(self.model, self.vocab, self.max_len, ids, words, errors)
 
 
 def check_compatible(model: ModelVersionInfo, codebook_meta: dict[str, Any], encoder: str) -> None:
@@ -208,7 +266,9 @@ def check_compatible(model: ModelVersionInfo, codebook_meta: dict[str, Any], enc
             f"{model.uri}: its codebook has {codebook_meta['vocab_size']} visual words but the model "
             f"knows {model.num_visual}"
         )
-    fitted_on = [e for e in (codebook_meta.get("encoder") or "").split(",") if e]
+    from videobert.codebook import fitted_encoders
+
+    fitted_on = fitted_encoders(codebook_meta)
     if fitted_on and encoder not in fitted_on:
         raise ConfigError(
             f"{model.uri}: its codebook was fit on {', '.join(fitted_on)} features, but the encoder "

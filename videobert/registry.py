@@ -1,14 +1,22 @@
 """The MLflow model registry: the registered VideoBERT model, its versions and aliases.
 
-- the model: an MLflow pyfunc whose artifacts are plain files written by us:
+- the model: an MLflow pyfunc whose artifacts are plain files written by us. `videobert/`:
   `model.safetensors` (consolidated fp32 weights), `config.json` (the model shape),
-  `vocab.json` (the joint vocabulary), `metadata.json` (codebook / tokenizer versions and URIs)
-  and `experiment.yaml` (the whole config). No pickled tensors and no torch.export (which would
-  fix the sequence length): `predict` takes token sequences of any length up to max_positions.
+  `vocab.json` (the joint vocabulary), `metadata.json` (what it was trained on: codebook /
+  tokenizer versions and URIs, tokens, encoder, decode settings) and `experiment.yaml` (the whole
+  config). `inputs/` (videobert/model_inputs.py): the S3D encoder, codebook, text tokenizer
+  and decode settings, so the version turns raw video into visual words by itself. No pickled
+  tensors and no torch.export (which would fix the sequence length). `predict` takes raw video
+  (a `video` column: local paths or s3:// URIs, optional `start_s` / `end_s`) through the same
+  chain as `videobert embed` (videobert/embedding.py `VideoFileEmbedder`), or token sequences
+  of any length up to max_positions (an `input_ids` column); the columns present choose.
   The python model class is pickled by reference, and the `videobert` package travels with the
   model as code (`code_paths`) so it loads where the package is not installed. That pyfunc is
   for external users; the pipeline itself (`load_registered_model`: evaluate, embed,
   train.resume_from_champion) rebuilds the model from the plain files and unpickles nothing.
+- descriptions: every registered model and version gets a markdown model card
+  (videobert/model_card.py): what it was trained on, its evaluation metrics once evaluated, and
+  how to call predict.
 - versions: `models:/<name>@<alias>` / `models:/<name>/<version>` URIs resolved to a version
   and its small files, without downloading the weights.
 - aliases: pretrain points `candidate` at each new version; `champion` moves only when an
@@ -49,9 +57,12 @@ from videobert.model import (
     load_pretrained,
     save_pretrained,
 )
+from videobert.model_card import registered_model_card, version_card
 from videobert.results import MissingInputError
 
 if TYPE_CHECKING:
+    from videobert.embedding import VideoFileEmbedder
+    from videobert.model_inputs import ModelInputs
     from videobert.results import TokenizeResult
 
 CHAMPION = "champion"
@@ -59,28 +70,86 @@ CANDIDATE = "candidate"
 EVAL_RUN_TAG = "eval.run_id"  # on a version: the run that evaluated it
 MISSING_METRIC_TAG = "evaluation.missing"  # on a version: why its evaluation lacks a metric
 MODEL_FILES_DIR = "videobert"  # our plain files' folder among the logged pyfunc's artifacts
+INPUT_FILES_DIR = "inputs"  # encoder, codebook, tokenizer, decode settings (videobert/model_inputs.py)
+VIDEO_OUTPUT_COLUMNS = ("embedding", "cls_embedding", "visual_words", "num_clips", "error")
 
 
 # -- the registered model ---------------------------------------------------------------------
 
 
 class VideoBertPyfunc(mlflow.pyfunc.PythonModel):
-    """`predict`: token sequences of any length -> embeddings, MLM and alignment scores.
+    """`predict` takes one of two inputs, chosen by the DataFrame's columns:
 
-    Input: a DataFrame with `input_ids` (joint ids, a list per row) and optionally
-    `token_type_ids` (else derived: video after `[>]` or for visual-word ids).
-    Output per row: `embedding` (mean of the last hidden states), `cls_embedding`,
-    `alignment_score` (probability that text and video are aligned), and at each `[MASK]`:
-    `mlm_predictions` (joint ids) and `mlm_scores` (their probabilities).
+    - raw video: `video` (a local path or s3:// URI per row), optionally `start_s` / `end_s` (a
+      window in seconds; a clip belongs to it when its middle does). Output per row, in order:
+      `embedding` and `cls_embedding` (what `videobert embed` computes), `visual_words`,
+      `num_clips`, and `error`: a video that cannot be read (missing, not a video, over a
+      `decode` bound) gets its reason there and null embeddings; the batch goes on.
+    - token ids: `input_ids` (joint ids, a list per row) and optionally `token_type_ids` (else
+      derived: video after `[>]` or for visual-word ids). Output per row: `embedding` (mean of
+      the last hidden states), `cls_embedding`, `alignment_score` (probability that text and
+      video are aligned), and at each `[MASK]`: `mlm_predictions` (joint ids) and `mlm_scores`.
     """
 
     def load_context(self, context: Any) -> None:
+        from videobert.model_inputs import ModelInputs
+
         root = Path(context.artifacts["model"])
         self.model, self.vocab = load_pretrained(root)
         self.metadata = json.loads((root / "metadata.json").read_text())
+        inputs = context.artifacts.get(INPUT_FILES_DIR)  # none in versions registered token-only
+        self.inputs: ModelInputs | None = ModelInputs.load(inputs) if inputs else None
+        self.video_embedder: VideoFileEmbedder | None = None  # built on the first video batch
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        return predict_frame(self.model, self.vocab, model_input)
+        columns = set(model_input.columns)
+        if "video" in columns and "input_ids" in columns:
+            raise ValueError("give either a `video` column (raw video) or `input_ids` (token ids), not both")
+        if "video" in columns:
+            return predict_videos(self._video_embedder(), model_input)
+        if "input_ids" in columns:
+            return predict_frame(self.model, self.vocab, model_input)
+        raise ValueError(
+            f"expected a `video` column (local paths or s3:// URIs) or an `input_ids` column (token ids); "
+            f"got {sorted(columns)}"
+        )
+
+    def _video_embedder(self) -> VideoFileEmbedder:
+        if self.video_embedder is None:
+            if self.inputs is None:
+                raise ValueError("this model version carries no input files; it takes token ids only")
+            from videobert.embedding import embedding_max_len
+
+            max_len = embedding_max_len(self.model, self.metadata)
+            self.video_embedder = self.inputs.video_embedder(self.model, self.vocab, max_len)
+        return self.video_embedder
+
+
+def _seconds(value: Any) -> float | None:
+    """A window bound from a DataFrame cell: None when missing (None, NaN, pd.NA)."""
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def predict_videos(embedder: VideoFileEmbedder, frame: pd.DataFrame) -> pd.DataFrame:
+    """The video interface: one output row per input row (see VideoBertPyfunc)."""
+    videos, invalid = [], {}
+    for row, uri in enumerate(frame["video"].tolist()):
+        start = _seconds(frame["start_s"].iloc[row]) if "start_s" in frame else None
+        end = _seconds(frame["end_s"].iloc[row]) if "end_s" in frame else None
+        if not isinstance(uri, str) or not uri.strip():
+            invalid[str(row)] = f"video: expected a local path or s3:// URI, got {uri!r}"
+        elif (start is not None and not 0 <= start < np.inf) or (
+            end is not None and not end > (start or 0.0)
+        ):
+            invalid[str(row)] = f"window: need 0 <= start_s < end_s, got start_s={start}, end_s={end}"
+        else:
+            videos.append({"video_id": str(row), "source_uri": uri, "start_s": start, "end_s": end})
+    results = {r["video_id"]: r for r in embedder(videos)} if videos else {}
+    rows = [results.get(str(row), {"error": invalid.get(str(row))}) for row in range(len(frame))]
+    # Object columns: a missing value stays None (null in JSON), never pandas' NaN.
+    columns = {name: pd.Series([r.get(name) for r in rows], dtype=object) for name in VIDEO_OUTPUT_COLUMNS}
+    columns["num_clips"] = pd.Series([int(r.get("num_clips") or 0) for r in rows], dtype=np.int64)
+    return pd.DataFrame(columns)
 
 
 def _token_types(ids: np.ndarray, vocab: JointVocab) -> np.ndarray:
@@ -143,6 +212,36 @@ def input_example(vocab: JointVocab) -> pd.DataFrame:
     return pd.DataFrame({"input_ids": [joint, video_only]})
 
 
+def video_input_example() -> pd.DataFrame:
+    """The video interface's logged example: a window of one video and a whole one. Local paths,
+    so MLflow's check of the example at logging reads no storage (each row becomes an error row)."""
+    return pd.DataFrame(
+        {
+            "video": ["/data/videos/cooking.mp4", "/data/videos/other.mp4"],
+            "start_s": [0.0, None],
+            "end_s": [30.0, None],
+        }
+    )
+
+
+def model_signature() -> Any:
+    """One signature for both inputs (every column optional, so `mlflow models serve` accepts
+    either form) and the union of both outputs."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    def optional(kind: Any, name: str) -> ColSpec:
+        return ColSpec(kind, name, required=False)
+
+    inputs = [optional("string", "video"), optional("double", "start_s"), optional("double", "end_s")]
+    inputs += [optional(Array("long"), "input_ids"), optional(Array("long"), "token_type_ids")]
+    outputs = [optional(Array("double"), "embedding"), optional(Array("double"), "cls_embedding")]
+    outputs += [optional(Array("long"), "visual_words"), optional("long", "num_clips")]
+    outputs += [optional("string", "error"), optional("double", "alignment_score")]
+    outputs += [optional(Array("long"), "mlm_predictions"), optional(Array("double"), "mlm_scores")]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
 def log_and_register_model(
     run_id: str,
     model: VideoBert,
@@ -152,14 +251,29 @@ def log_and_register_model(
     registered_model: str,
     alias: str = CANDIDATE,
 ) -> str:
-    """Log the pyfunc model into the run, register it and set `alias`; returns the version."""
-    from mlflow.models import infer_signature
+    """Log the pyfunc model into the run, register it, set `alias` and describe the model and
+    the version (model cards); returns the version.
+
+    When `metadata` names a `codebook_uri`, the version also carries its input files
+    (videobert/model_inputs.py: the config's encoder, that codebook, the `tokenizer_uri`
+    tokenizer, the decode settings) and takes raw video; else it takes token ids only.
+    """
+    import torchvision
+
+    from videobert.model_inputs import write_model_inputs
 
     model = model.float().cpu().eval()
-    example = input_example(vocab)
-    signature = infer_signature(example, predict_frame(model, vocab, example))
+    metadata = dict(metadata)
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = Path(tmp) / MODEL_FILES_DIR
+        model_dir, artifacts = Path(tmp) / MODEL_FILES_DIR, {}
+        if metadata.get("codebook_uri"):
+            inputs_dir = Path(tmp) / INPUT_FILES_DIR
+            metadata["encoder"] = write_model_inputs(
+                inputs_dir, config, metadata["codebook_uri"], metadata.get("tokenizer_uri")
+            )
+            metadata["decode"] = json.loads((inputs_dir / "decode.json").read_text())
+            artifacts[INPUT_FILES_DIR] = str(inputs_dir)
+        takes_video = metadata.get("encoder", {}).get("weights") in ("random", "file")
         save_pretrained(model, vocab, model_dir)
         (model_dir / "metadata.json").write_text(redact(json.dumps(metadata, indent=2)))
         (model_dir / "experiment.yaml").write_text(config_to_yaml(config))
@@ -167,22 +281,56 @@ def log_and_register_model(
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=VideoBertPyfunc(),
-                artifacts={"model": str(model_dir)},
+                artifacts={"model": str(model_dir), **artifacts},
                 code_paths=[os.path.dirname(videobert.__file__)],
-                signature=signature,
-                input_example=example,
+                signature=model_signature(),
+                input_example=video_input_example() if takes_video else input_example(vocab),
                 pip_requirements=[
-                    f"torch>={torch.__version__.split('+')[0]}",
+                    f"torch=={torch.__version__.split('+')[0]}",  # rebuilds random S3D weights alike
+                    f"torchvision=={torchvision.__version__.split('+')[0]}",
                     "numpy",
                     "pandas",
+                    "pyarrow",
+                    "av",
                     "safetensors",
+                    "tokenizers",
                     "pyyaml",
                 ],
                 registered_model_name=registered_model,
             )
     version = str(info.registered_model_version)
-    MlflowClient().set_registered_model_alias(registered_model, alias, version)
+    client = MlflowClient()
+    client.set_registered_model_alias(registered_model, alias, version)
+    describe_version(client, registered_model, version, redact_metadata(metadata))
     return version
+
+
+def redact_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """metadata as metadata.json holds it (URIs redacted)."""
+    return json.loads(redact(json.dumps(metadata)))
+
+
+def describe_version(
+    client: MlflowClient, name: str, version: str, metadata: dict[str, Any] | None = None
+) -> None:
+    """Write the model cards (videobert/model_card.py) of `name` and of `version`: what it was
+    trained on (its metadata.json, read when not given) and its `eval.*` tags. A card already
+    up to date is not rewritten, so reruns write nothing."""
+    if metadata is None:
+        metadata = resolve_model_version(f"models:/{name}/{version}").metadata
+    current = client.get_model_version(name, version)
+    tags = current.tags
+    metrics = {
+        key.removeprefix("eval."): float(value)
+        for key, value in tags.items()
+        if key.startswith("eval.") and key != EVAL_RUN_TAG
+    }
+    card = version_card(name, version, metadata, metrics, tags.get(EVAL_RUN_TAG))
+    if current.description != card:
+        client.update_model_version(name, version, description=card)
+    model_card = registered_model_card(name)
+    if client.get_registered_model(name).description != model_card:
+        client.update_registered_model(name, description=model_card)
 
 
 def load_registered_model(model_uri: str) -> tuple[VideoBert, JointVocab, dict[str, Any]]:
@@ -431,6 +579,7 @@ def record_evaluation(
     for key, value in metrics.items():
         client.set_model_version_tag(name, version, eval_tag(key), f"{value:.6f}")
     client.set_model_version_tag(name, version, EVAL_RUN_TAG, active.info.run_id)
+    describe_version(client, name, version)  # the version's card now shows these metrics
     return active.info.run_id
 
 
@@ -452,6 +601,9 @@ def register_pretrained(
         "codebook_uri": tokens.codebook.uri,
         "tokenizer_uri": tokens.tokenizer.uri,
         "tokens_uri": tokens.tokens_uri,
+        "tokens_digest": tokens.digest,
+        "tokenized_videos": len(tokens.files),  # one token file per video
+        "holdout_fraction": config.evaluate.holdout_fraction,
         "model_size": config.model.size,
         "max_seq_len": config.model.max_seq_len,
         **{k: trained[k] for k in ("steps", "run_name", "checkpoint", "init_from")},

@@ -8,6 +8,8 @@ pipelines/extract.py and pipelines/embed.py):
     decode_video(video, ...)     a decode task: a row per clip, then one END row (status, info)
     ClipFeatures / ClipWords     an actor's batch method: S3D features (and visual words)
     ClipGatherer                 on the driver: regroups a video's rows (they arrive in any order)
+    decoded_videos_here(...)     the same decode -> actor -> regroup chain in this process, no Ray
+                                 (the registered model's video interface)
     ManifestCommitter            writes a video's output file first, its manifest row after it
     VideoStageSummary            what the run did, with one report()
 
@@ -18,9 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import traceback
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -105,14 +108,30 @@ def videos_to_do(
 # ---- the decode task -------------------------------------------------------------------------
 
 
+def clip_window(video: dict[str, Any], decode: DecodeConfig) -> tuple[DecodeConfig, float, float]:
+    """(decode settings, start, end) for a video that may name a window (`start_s`, `end_s`).
+
+    A clip belongs to the window when its middle does. Decoding stops after the window's last
+    clip (through `max_clips`), so a window near the start of a long video costs little.
+    """
+    start = float(video.get("start_s") or 0.0)
+    end = video.get("end_s")
+    if end is None:
+        return decode, start, math.inf
+    clips = max(1, math.ceil(float(end) / decode.clip_seconds - 0.5))  # middles before `end`
+    return replace(decode, max_clips=min(clips, decode.max_clips or clips)), start, float(end)
+
+
 def decode_video(video: dict[str, Any], decode: DecodeConfig, s3: S3Config) -> Iterator[dict[str, Any]]:
     """One video -> a row per clip (frames as raw bytes), then one END row with status and info.
 
-    Every failure ends as an END row with status error: the run goes on.
+    `video` may name a window in seconds (`start_s`, `end_s`, see `clip_window`): only its clips
+    are emitted. Every failure ends as an END row with status error: the run goes on.
     """
     base = {"video_id": video["video_id"], "start_s": 0.0, "end_s": 0.0}
     emitted = 0
     info: dict[str, Any] = {"status": "ok", "error": None, "error_kind": None}
+    decode, window_start, window_end = clip_window(video, decode)
     clips = iter_clips(video["source_uri"], decode, s3)
     try:
         while True:
@@ -127,6 +146,8 @@ def decode_video(video: dict[str, Any], decode: DecodeConfig, s3: S3Config) -> I
                     fps=video_info.fps,
                 )
                 break
+            if not window_start <= (clip.start_s + clip.end_s) / 2 < window_end:
+                continue
             yield {
                 **base,
                 "kind": CLIP,
@@ -146,11 +167,12 @@ def decode_video(video: dict[str, Any], decode: DecodeConfig, s3: S3Config) -> I
         info.update(status="error", error=reason, error_kind=tables.PERMANENT)
         log.warning("unexpected error decoding %s:\n%s", video["source_uri"], traceback.format_exc())
     if info["status"] == "ok" and emitted == 0:
-        info.update(
-            status="error",
-            error=f"decode: shorter than one clip ({decode.clip_seconds:.2f} s at {decode.fps:g} fps)",
-            error_kind=tables.PERMANENT,
-        )
+        clip = f"{decode.clip_seconds:.2f} s at {decode.fps:g} fps"
+        if window_start or window_end < math.inf:
+            reason = f"no clip ({clip}) has its middle in [{window_start:g}, {window_end:g}) s"
+        else:
+            reason = f"shorter than one clip ({clip})"
+        info.update(status="error", error=f"decode: {reason}", error_kind=tables.PERMANENT)
     info["emitted"] = emitted
     yield {**base, "kind": END, "clip_index": -1, "frames": b"", "info": json.dumps(info)}
 
@@ -248,6 +270,10 @@ class DecodedVideo:
 
     def ordered_clips(self) -> list[dict[str, Any]]:
         return [self.clips[i] for i in sorted(self.clips)]
+
+    def visual_words(self) -> np.ndarray:
+        """The video's words in clip order (clip rows from `ClipWords`)."""
+        return np.array([int(clip["visual_word"]) for clip in self.ordered_clips()], np.int64)
 
 
 class ClipGatherer:
@@ -424,6 +450,30 @@ def gather_videos(
     for vid in sorted(set(expected) - seen):
         reason = f"{stage}: decoder killed (out of memory or a lost node) after {tries} tries"
         yield DecodedVideo(vid, {"status": "error", "error": reason, "error_kind": tables.TRANSIENT}, {})
+
+
+def decoded_videos_here(
+    videos: list[dict[str, Any]],
+    decode: DecodeConfig,
+    s3: S3Config,
+    stage: Callable[..., Any],
+    batch_size: int,
+) -> Iterator[DecodedVideo]:
+    """`videos` through `decode_video` and `stage` (a ClipFeatures or ClipWords instance) in this
+    process, one video at a time and `batch_size` rows per call: the chain of
+    pipelines.ray_stages.decoded_videos without Ray. Only a batch of frames is held at once."""
+
+    def batches() -> Iterator[dict[str, np.ndarray]]:
+        for video in videos:
+            rows: list[dict[str, Any]] = []
+            for row in decode_video(video, decode, s3):
+                rows.append(row)
+                if len(rows) == batch_size or row["kind"] == END:
+                    # Object columns, as Ray hands them over: raw frame bytes keep every byte.
+                    yield stage({k: np.array([r[k] for r in rows], dtype=object) for k in rows[0]})
+                    rows = []
+
+    yield from gather_videos(batches(), "decode", [v["video_id"] for v in videos])
 
 
 @dataclass

@@ -1,0 +1,133 @@
+"""Model cards: the markdown descriptions of the registered model and of each of its versions.
+
+Plain text built from what a version records, so it can be rebuilt at any time: its
+metadata.json (what it was trained on: videos, codebook, tokenizer, encoder, decode settings)
+and its evaluation metrics (the `eval.*` tags evaluate writes). videobert/registry.py writes the cards when
+pretrain registers a version and rewrites the version's card when evaluate records its metrics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def predict_example(model_uri: str, video_input: bool = True) -> str:
+    """A markdown snippet that loads `model_uri` and calls predict."""
+    load = f'import mlflow\nimport pandas as pd\n\nmodel = mlflow.pyfunc.load_model("{model_uri}")\n'
+    videos = (
+        "videos = pd.DataFrame(\n"
+        "    {\n"
+        '        "video": ["s3://bucket/videos/cooking.mp4", "/data/videos/local.mp4"],\n'
+        '        "start_s": [0.0, None],  # optional window in seconds; None: the whole video\n'
+        '        "end_s": [30.0, None],\n'
+        "    }\n"
+        ")\n"
+        "out = model.predict(videos)  # per video: embedding, cls_embedding, visual_words, num_clips, error\n"
+    )
+    tokens = (
+        "# token ids (joint vocabulary): embedding, cls_embedding, alignment_score, mlm_predictions, mlm_scores\n"
+        'out = model.predict(pd.DataFrame({"input_ids": [[2, 17, 4, 3]]}))\n'
+    )
+    code = load + "\n" + (videos + "\n" if video_input else "") + tokens
+    notes = (
+        "A video that cannot be read (missing, not a video, over a `decode` bound) gets its reason in "
+        "`error` and no embedding; the other rows are embedded all the same. S3 endpoint and region "
+        "come from the model's `s3` settings or the AWS variables, credentials from the environment.\n"
+        if video_input
+        else ""
+    )
+    return f"```python\n{code}```\n\n{notes}"
+
+
+def _trained_on(metadata: dict[str, Any]) -> list[str]:
+    lines = []
+    videos = metadata.get("tokenized_videos")
+    if videos is not None:
+        holdout = metadata.get("holdout_fraction")
+        held = f"; a {holdout:g} hash hold-out of them is kept out of training" if holdout else ""
+        lines.append(f"- **Videos:** {videos} tokenized videos{held}.")
+    if metadata.get("tokens_uri") or metadata.get("tokens_digest"):
+        lines.append(
+            f"- **Token shards:** `{metadata.get('tokens_uri', '?')}` "
+            f"(digest `{metadata.get('tokens_digest', 'unknown')}`)."
+        )
+    lines.append(f"- **Codebook version:** `{metadata.get('codebook_version', 'unknown')}`.")
+    lines.append(f"- **Tokenizer version:** `{metadata.get('tokenizer_version', 'unknown')}`.")
+    encoder = metadata.get("encoder") or {}
+    if encoder:
+        kind = {
+            "random": f"random weights, seed {encoder.get('seed')}, rebuilt on load",
+            "file": "weights stored with the model",
+            "missing": f"not carried: {encoder.get('reason')}",
+        }.get(encoder.get("weights"), encoder.get("weights"))
+        lines.append(f"- **Clip encoder:** `{encoder.get('encoder_id')}` ({kind}).")
+    decode = metadata.get("decode") or {}
+    if decode:
+        seconds = decode["clip_frames"] / decode["fps"]
+        lines.append(
+            f"- **Clips:** {decode['clip_frames']} frames at {decode['fps']:g} fps ({seconds:.2f} s), "
+            f"{decode['size']} px square."
+        )
+    return lines
+
+
+def _evaluation(metrics: dict[str, float], eval_run_id: str | None) -> list[str]:
+    if not metrics:
+        return ["Not evaluated yet: `videobert evaluate` writes its metrics here (and as `eval.*` tags)."]
+    lines = ["| metric | value |", "|---|---|"]
+    lines += [f"| {name} | {value:.4f} |" for name, value in sorted(metrics.items())]
+    if eval_run_id:
+        lines += ["", f"Evaluation run: `{eval_run_id}` (report and plots under `evaluation/`)."]
+    return lines
+
+
+def version_card(
+    name: str,
+    version: str,
+    metadata: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+    eval_run_id: str | None = None,
+) -> str:
+    """The description of one version: what it was trained on (its metadata.json), how it scored
+    (its evaluation metrics, when evaluated) and how to call it."""
+    size, steps, run = metadata.get("model_size", "?"), metadata.get("steps", "?"), metadata.get("run_name")
+    origin = f", continued from `{metadata['init_from']}`" if metadata.get("init_from") else ""
+    video_input = (metadata.get("encoder") or {}).get("weights") in ("random", "file")
+    head = [
+        f"# {name} v{version}",
+        "",
+        f"A pretrained VideoBERT (`{size}` size, {steps} steps"
+        + (f", run `{run}`" if run else "")
+        + f"{origin}).",
+        "",
+        "## Trained on",
+        "",
+        *_trained_on(metadata),
+        "",
+        "## Evaluation",
+        "",
+        *_evaluation(metrics or {}, eval_run_id),
+        "",
+        "## Use",
+        "",
+    ]
+    if not video_input:
+        head += ["This version carries no clip encoder, so it takes token ids only.", ""]
+    return "\n".join(head) + "\n" + predict_example(f"models:/{name}/{version}", video_input)
+
+
+def registered_model_card(name: str) -> str:
+    """The description of the registered model (each version's own says what it was trained on)."""
+    return (
+        f"# {name}\n\n"
+        "VideoBERT models pretrained by the videobert pipeline: raw videos (and narration) in object "
+        "storage, S3D clip features, a hierarchical k-means codebook of visual words, then masked "
+        "language modelling over text and visual words. Each version carries its weights, "
+        "vocabulary, clip encoder, codebook, text tokenizer and decode settings, so `predict` takes "
+        "raw video (a `video` column of local paths or `s3://` URIs, optional `start_s` / `end_s`) "
+        "or token ids (an `input_ids` column).\n\n"
+        "Aliases: `candidate` is the newest pretrained version; `champion` the best evaluated one "
+        "(moved by `videobert promote`). Each version's description says what it was trained on "
+        "(codebook and tokenizer versions, videos) and how it scored.\n\n"
+        "## Use\n\n" + predict_example(f"models:/{name}@champion")
+    )
