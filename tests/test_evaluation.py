@@ -163,3 +163,14 @@ def test_cross_modal_metrics_by_hand() -> None:
     assert result["retrieval_chance_recall_at_1"] == pytest.approx((1 / 3 + 1 / 3 + 1 / 4 + 1 / 4) / 4)
     assert result["retrieval_recall_at_1_named"] == 1.0 and result["retrieval_queries_named"] == 2
     assert "retrieval_recall_at_1_named" not in metrics.cross_modal_metrics(scores, videos)
+
+
+def test_named_texts_are_those_that_name_a_labelled_word() -> None:
+    from videobert.evaluation import names_a_label
+
+    words = {"slide", "circle"}
+    assert names_a_label("Now let me show you how to slide the circle.", words)
+    assert names_a_label("the circle's here", {"circle's"})
+    assert not names_a_label("hello everyone.", words)
+    assert not names_a_label("circles and sliders", words)  # whole words only
+    assert not names_a_label("", words)

@@ -2,9 +2,10 @@
 
 On the demo corpus with random S3D weights, the trained debug model's zero-shot object
 accuracy on the labelled videos (one per class, kept out of pretraining) must beat chance at
-least 3x and beat the same model untrained.
+least 3x and beat the same model untrained; and its alignment head must tell a held-out
+narration's own video from others' (AUC) and retrieve it (R@1, median rank).
 The recipe that makes this reliable on 2 CPU cores is configs/demo.yaml's (full-corpus
-batches, half the examples text+video, lr 3e-3). (That a second `run` does no work, and that
+batches, half the examples text+video, lr 3e-3, video subsampling at most 2). (That a second `run` does no work, and that
 `run` survives kills, is tested on a smaller corpus in tests/test_run_faults.py.)
 """
 
@@ -43,15 +44,20 @@ def demo_run(ray_cluster, tmp_path_factory):
     return root, overrides, first
 
 
-def test_run_trains_a_champion_that_learned_objects(demo_run):
-    root, overrides, first = demo_run
+def champion_of(overrides: list[str]):
+    """(config, client, registered model name, champion version, its tags)."""
     config = load_config(REPO / "configs/demo.yaml", overrides)
     use_tracking_uri(tracking_uri(config))
     client = MlflowClient()
     name = config.mlflow.registered_model
     champion = alias_version(client, name, CHAMPION)
     assert champion is not None
-    tags = client.get_model_version(name, champion).tags
+    return config, client, name, champion, client.get_model_version(name, champion).tags
+
+
+def test_run_trains_a_champion_that_learned_objects(demo_run):
+    root, overrides, first = demo_run
+    config, client, name, champion, tags = champion_of(overrides)
     trained = float(tags["eval.zero_shot_object_top1"])
     chance = float(tags["eval.zero_shot_object_chance"])
     assert float(tags["eval.zero_shot_items"]) >= 4
@@ -74,3 +80,44 @@ def test_run_trains_a_champion_that_learned_objects(demo_run):
     assert again["zero_shot_object_top1"] == pytest.approx(trained, abs=1e-6)
     assert trained >= 3 * chance, f"zero-shot object accuracy {trained:.2f} < 3x chance {chance:.2f}"
     assert trained > baseline["zero_shot_object_top1"]
+
+
+# Issue 13's goals on held-out videos, at or a little under what configs/demo.yaml reaches in
+# every seed tried (README, "Results"), so that noise does not fail them. Alignment and retrieval
+# are judged on the held-out texts that name a labelled verb or object: against another video's
+# filler ("hello everyone."), a filler can be told apart only by its clip length.
+# Zero-shot verbs are not here: the goal (2x chance) is not reached yet (README, "Results").
+GOALS = {
+    "zero_shot_object_top1": ("at least 3x chance", lambda t: 3 * t["zero_shot_object_chance"]),
+    "alignment_auc_named": ("at least 0.90", lambda t: 0.90),
+    "retrieval_recall_at_1_named": (
+        "at least 5x chance",
+        lambda t: 5 * t["retrieval_chance_recall_at_1_named"],
+    ),
+}
+
+
+def test_the_champion_aligns_and_retrieves_held_out_videos(demo_run):
+    _, overrides, _ = demo_run
+    config, client, _, _, version_tags = champion_of(overrides)
+    tags = {
+        k.removeprefix("eval."): float(v)
+        for k, v in version_tags.items()
+        if k.startswith("eval.") and k != "eval.run_id"
+    }
+    failed = [
+        f"{metric} {tags[metric]:.3f} not {words} ({bound(tags):.3f})"
+        for metric, (words, bound) in GOALS.items()
+        if not tags[metric] >= bound(tags)
+    ]
+    # median rank at most 1/5 of the candidates
+    if not tags["retrieval_median_rank_named"] <= tags["retrieval_candidates_named"] / 5:
+        failed.append(
+            f"median rank {tags['retrieval_median_rank_named']} of {tags['retrieval_candidates_named']}"
+        )
+    assert not failed, "; ".join(failed)
+    # promotion used the combined metric, and the evaluation run holds the plots
+    assert tags[config.evaluate.combined_metric] > 0
+    run_id = version_tags["eval.run_id"]
+    plots = {Path(f.path).name for f in client.list_artifacts(run_id, "evaluation")}
+    assert {"alignment_roc.png", "retrieval_ranks.png", "zero_shot_verbs.png"} <= plots

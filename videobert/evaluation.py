@@ -130,7 +130,7 @@ def cross_modal_eval(
     score[i, j] = alignment(text_i, video_j), every pair fed unmasked (metrics.cross_modal_metrics).
 
     At most `max_items` segments with both text and video (a seeded draw when there are more);
-    `named` marks the segments whose text names their video's label (reported apart).
+    `named` marks the segments whose text names a labelled class (reported apart).
     Returns the metrics and, for the plots, the pair probabilities, labels and ranks.
     """
     cols = rows.columns
@@ -158,12 +158,10 @@ def cross_modal_eval(
     return metrics, details
 
 
-def names_label(text: str, label: tuple[str, str] | None) -> bool:
-    """Does a segment's text name its video's labelled verb or object (a whole word)?"""
-    if label is None:
-        return False
-    words = set(re.findall(r"[a-z0-9']+", text.lower()))
-    return any(part.lower() in words for part in label)
+def names_a_label(text: str, label_words: set[str]) -> bool:
+    """Does a segment's text name one of the labelled verbs or objects (a whole word)? Texts
+    that do are what alignment can be judged on; a filler ("hello everyone.") names nothing."""
+    return not label_words.isdisjoint(re.findall(r"[a-z0-9']+", text.lower()))
 
 
 @dataclass
@@ -464,15 +462,16 @@ def evaluate_model(
     holdout = tokens.filter(pa.array(held, pa.bool_()))
     items: list[ZeroShotItem] = []
     unscored: dict[str, str] = {}
-    label_of: dict[str, tuple[str, str]] = {}
+    label_words: set[str] = set()
     if config.evaluate.labels:
         labels_table = read_labels(config.evaluate.labels, config)
         labelled = read_tokens(evalset_root(config), codebook_version, tokenizer_version, config.s3)
         items, unscored = zero_shot_items(labels_table, labelled)
-        label_of = {item.video_id: (item.verb, item.object) for item in items}
+        scored = {item.video_id for item in items}
+        label_words = {word.lower() for item in items for word in (item.verb, item.object)}
         # The labelled videos are never trained on either: they join the hash hold-out for
         # MLM, alignment and retrieval (more held-out pairs, steadier figures).
-        labelled = labelled.filter(pa.array([v in label_of for v in labelled["video_id"].to_pylist()]))
+        labelled = labelled.filter(pa.array([v in scored for v in labelled["video_id"].to_pylist()]))
         holdout = pa.concat_tables([holdout.select(labelled.schema.names), labelled])
     if holdout.num_rows == 0 and not items:
         raise ConfigError(
@@ -481,10 +480,7 @@ def evaluate_model(
             f"{config.evaluate.labels}): raise the fraction, add videos or set evaluate.labels"
         )
     rows: HeldOut = rows_to_columns(holdout)
-    named = [
-        names_label(str(text or ""), label_of.get(vid))
-        for vid, text in zip(holdout["video_id"].to_pylist(), holdout["text"].to_pylist(), strict=True)
-    ]
+    named = [names_a_label(str(text or ""), label_words) for text in holdout["text"].to_pylist()]
     metrics: dict[str, float] = {"heldout_segments": float(rows.num_rows)}
     metrics |= mlm_metrics(model, vocab, rows, max_len, seed=config.train.seed)
     cross_modal, pairs = cross_modal_eval(model, vocab, rows, max_len, named, seed=config.train.seed)

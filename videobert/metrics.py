@@ -183,7 +183,7 @@ def cross_modal_metrics(scores: Any, video_ids: Sequence[str], named: Any | None
     text's own video among all segments except its video's other segments.
 
     `named` (bool per segment), when given, adds the same metrics over the queries it
-    marks with the suffix `_named`: e.g. texts that name the video's labelled object or verb,
+    marks with the suffix `_named`: e.g. texts that name a labelled object or verb,
     apart from fillers ("hello everyone.") that no model can match to a video.
     """
     scores = to_numpy(scores).astype(np.float64)
