@@ -204,9 +204,9 @@ def run(config: ExperimentConfig) -> FinetuneResult:
     # One Ray task, not a Ray Train worker group: a classification table is small next to the
     # pretraining corpus (the demo's 60 clips, YouCook2's ~10k segments), so one device trains
     # it in seconds to minutes, and a linear probe's head in milliseconds. A TorchTrainer's
-    # worker group costs more than that to start: 45-53 s with an empty train loop on the
-    # 2-core demo machine under load (Ray 2.60), against the stage's budget of well under a
-    # minute. On a cluster the task lands on a GPU node when there is one.
+    # worker group costs more than that to start: 38-53 s with an empty train loop on the
+    # shared 2-core demo machine (Ray 2.60, four measurements), against this stage's budget of
+    # well under a minute. On a cluster the task lands on a GPU node when there is one.
     use_gpu = bool(ray.cluster_resources().get("GPU", 0))
     log.info("training on %d clips (%.1f s to prepare them)", len(train), time.perf_counter() - started)
     trained = ray.get(ray.remote(num_gpus=1 if use_gpu else 0)(train_task).remote(task))
