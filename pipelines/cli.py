@@ -14,6 +14,7 @@ STAGES = {
     "evaluate": "evaluate",
     "promote": "promote",
     "embed": "embed",
+    "finetune-classify": "finetune_classify",
     "run": "run",
     "demo-corpus": "demo_corpus",
 }

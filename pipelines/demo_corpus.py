@@ -4,7 +4,8 @@
 
 What to generate comes from the `demo:` section of the config, like every stage's settings.
 No Ray needed: a few dozen tiny videos take seconds in one process. The labels go to
-`evaluate.labels` when set, else to `<source>/labels.csv`.
+`evaluate.labels` when set, else to `<source>/labels.csv`; the classification table (every
+video's "<verb> the <object>", split test for the labelled ones) to `finetune.labels` when set.
 """
 
 from __future__ import annotations
@@ -27,13 +28,16 @@ def demo_spec(demo: DemoConfig) -> DemoSpec:
 
 
 def run(config: ExperimentConfig) -> CorpusSummary:
-    summary = generate_corpus(config.source, demo_spec(config.demo), config.evaluate.labels, config.s3)
+    summary = generate_corpus(
+        config.source, demo_spec(config.demo), config.evaluate.labels, config.s3, config.finetune.labels
+    )
     for note in summary.notes:
         print(f"note: {note}")
     print(
         f"demo corpus: {summary.videos} videos with transcripts and {summary.samples} sample videos "
         f"under {summary.source} ({summary.written} files written, {summary.unchanged} unchanged); "
         f"labels: {summary.labels_uri}"
+        + (f"; classes: {config.finetune.labels}" if config.finetune.labels else "")
     )
     return summary
 

@@ -9,9 +9,10 @@ compares). A markdown report with plots is logged as an artifact.
 Before scoring, the labelled videos get their own tables under
 `<output>/evalsets/<digest>/` (`videobert.evaluation.evalset_root`), which neither tokenize
 nor pretrain reads:
-1. extract's code: a labelled video that extract already made features of is copied, any
-   other is decoded and encoded by `ray_stages.decoded_videos` and committed by
-   `ExtractCommitter`; one whose row is up to date (`is_up_to_date`) is left alone;
+1. extract's code (pipelines/labelled_sets.py, shared with finetune-classify): a labelled video
+   that extract already made features of is copied, any other is decoded and encoded by
+   `ray_stages.decoded_videos` and committed by `ExtractCommitter`; one whose row is up to
+   date (`is_up_to_date`) is left alone;
 2. tokenize's code: `plan_tokenize`, the `TokenShardWriter` actors and `record_tokenized`,
    with the model's own codebook and tokenizer.
 A labelled video that cannot be read (no such object, not a video) is named in the log, in
@@ -31,7 +32,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.common import init_ray, stage_main
-from pipelines.ray_stages import decoded_videos, tokenized_videos
+from pipelines.labelled_sets import extract_labelled
+from pipelines.ray_stages import tokenized_videos
 from videobert.config import ExperimentConfig, parse_model_uri
 from videobert.metrics import combined_metric
 from videobert.results import (
@@ -39,8 +41,6 @@ from videobert.results import (
     EvaluationResult,
     MissingInputError,
     TokenizerResult,
-    VideoStageSummary,
-    stage_run_id,
 )
 
 if TYPE_CHECKING:  # mlflow loads only when the stage runs
@@ -56,25 +56,14 @@ UNREADABLE_TAG = "unreadable_labelled_videos"
 def prepare_labelled(config: ExperimentConfig, model: ModelVersionInfo) -> dict[str, str]:
     """Extract and tokenize the labelled videos not yet done, into the evalset's tables, with
     the model's codebook and tokenizer; returns source_uri -> why for each that cannot be read."""
-    from videobert.evaluation import adopt_extracted, evalset_config, plan_evalset, unreadable_labelled_videos
+    from videobert.evaluation import plan_evalset, unreadable_labelled_videos
     from videobert.features import encoder_id
-    from videobert.tables import Layout, upsert_manifest
+    from videobert.tables import Layout
     from videobert.token_shards import plan_tokenize, record_tokenized
-    from videobert.videos import ClipFeatures, ExtractCommitter
 
     encoder = encoder_id(config.encoder)
     plan = plan_evalset(config, encoder)
-    evalset = evalset_config(config)
-    adopt_extracted(config, plan.adopt)
-    upsert_manifest(evalset.output, plan.relinked, config.s3)
-    summary = VideoStageSummary("evaluate", run_id=stage_run_id("evaluate"), listed=len(plan.videos))
-    summary.skipped = len(plan.videos) - len(plan.adopt) - len(plan.todo)
-    committer = ExtractCommitter(evalset, plan.todo, summary, encoder, plan.manifest)
-    if plan.todo:
-        log.info("extracting %d labelled videos into %s", len(plan.todo), evalset.output)
-        for video in decoded_videos(evalset, plan.todo, ClipFeatures):
-            committer.commit_video(video)
-    committer.flush()
+    evalset = extract_labelled(config, plan, encoder, "evaluate")
 
     # The model's own codebook and tokenizer: its visual words and text ids mean what it learned.
     meta, layout = model.metadata, Layout(config.output)

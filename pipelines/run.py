@@ -1,4 +1,5 @@
-"""`videobert run`: extract -> fit-codebook -> tokenize -> pretrain -> evaluate -> promote.
+"""`videobert run`: extract -> fit-codebook -> tokenize -> pretrain -> evaluate -> promote
+(-> finetune-classify, when `finetune.labels` is set).
 
 Each stage hands its typed result (videobert/results.py) to the next one, and decides for
 itself whether there is work, so the whole pipeline is safe to rerun at any time:
@@ -6,7 +7,9 @@ itself whether there is work, so the whole pipeline is safe to rerun at any time
 - fit-codebook reuses the newest codebook unless `codebook.refit` is set;
 - pretrain is skipped when the candidate was trained on exactly these token shards with the
   same settings, and a killed pretrain resumes, because its run name is derived from both;
-- evaluate is skipped when the candidate already has an evaluation; promote is idempotent.
+- evaluate is skipped when the candidate already has an evaluation; promote is idempotent;
+- finetune-classify trains nothing when the classifiers' candidate was built on the same
+  pretrained version (the champion by default), table and settings.
 A second run over unchanged inputs therefore does nothing beyond these checks.
 """
 
@@ -18,9 +21,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipelines import evaluate, extract, fit_codebook, pretrain, promote, tokenize
+from pipelines import evaluate, extract, finetune_classify, fit_codebook, pretrain, promote, tokenize
 from pipelines.common import init_ray, stage_main
-from videobert.config import ExperimentConfig
+from videobert.config import ExperimentConfig, parse_model_uri
 from videobert.results import EvaluationResult
 
 log = logging.getLogger("videobert.run")
@@ -61,6 +64,13 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     else:
         stage("evaluate", evaluate.run, config)
     decision = stage("promote", promote.run, config)
+    classifier = None
+    if config.finetune.labels:
+        name, alias, _ = parse_model_uri(str(config.finetune.model_uri))
+        if alias and alias_version(client, name, alias) is None:  # e.g. no candidate evaluated yet
+            log.warning("finetune-classify: no `%s` version of %s to build a classifier on yet", alias, name)
+        else:
+            classifier = stage("finetune-classify", finetune_classify.run, config)
 
     total = time.perf_counter() - started
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
@@ -70,6 +80,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     print(f"  outputs:       {config.output}")
     print(f"  model:         models:/{trained.model_name}@{CHAMPION} (v{champion})")
     print(f"  last decision: v{decision.version} {verdict} ({decision.reason})")
+    if classifier is not None:
+        top1 = classifier.metrics.get("test_top1", 0.0)
+        how = "already built" if classifier.skipped else f"test top-1 {top1:.3f}"
+        print(f"  classifier:    {classifier.model_uri} on {classifier.pretrained_uri} ({how})")
     print(f"  open MLflow:   mlflow ui --backend-store-uri {tracking_uri(config)}")
     return results
 

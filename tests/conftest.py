@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -229,6 +230,15 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def evaluated(ray_cluster: RayCluster, s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A tiny corpus extracted, tokenized, an untrained model registered and evaluated
+    (tests/labelled_world.py): built once, for test_evalsets and test_finetune_classify."""
+    from tests.labelled_world import build_evaluated
+
+    return build_evaluated(s3_server, tmp_path_factory)
 
 
 def has_cuda() -> bool:

@@ -148,9 +148,10 @@ def test_every_demo_video_encodes_to_the_same_bytes_every_time() -> None:
 
 
 def test_stage_cli_default_size_and_labels_path(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    source, labels = tmp_path / "videos", tmp_path / "labels.csv"
+    source, labels, classes = tmp_path / "videos", tmp_path / "labels.csv", tmp_path / "classes.csv"
     rc = stage.main(
         ["--config", "configs/demo.yaml", "--set", f"source={source}", "--set", f"evaluate.labels={labels}"]
+        + ["--set", f"finetune.labels={classes}"]
     )
     assert rc == 0
     assert "60 videos" in capsys.readouterr().out
@@ -164,6 +165,12 @@ def test_stage_cli_default_size_and_labels_path(tmp_path: Path, capsys: pytest.C
     assert {(r["verb"], r["object"]) for r in rows} == {
         (v, o) for v in ("slide", "lift", "spin") for o in ("circle", "square", "triangle", "star")
     }
+    # the classification table: every video's "<verb> the <object>", test = the labelled ones
+    table = list(csv.DictReader(io.StringIO(classes.read_text())))
+    assert len(table) == 60 and len({r["label"] for r in table}) == 12
+    assert all(r["label"] == f"{r['verb']} the {r['object']}" for r in table)
+    assert {r["source_uri"] for r in table if r["split"] == "test"} == {r["source_uri"] for r in rows}
+    assert {r["split"] for r in table} == {"train", "test"}
     assert stage.main(["--set", "demo.objects=99", "--set", f"source={source}"]) == 2
     assert "demo.objects must be in 1..6" in capsys.readouterr().err
     assert stage.main(["--set", "nonsense.key=1"]) == 2

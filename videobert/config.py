@@ -563,6 +563,56 @@ class EmbedConfig:
             raise ConfigError("embed.actors must be >= 1 (or null: one per GPU)")
 
 
+FINETUNE_MODES = ("linear_probe", "full")
+
+
+@dataclass
+class FinetuneConfig:
+    """Classification fine-tuning (`videobert finetune-classify`): a pretrained model, a labelled
+    table of videos, and a linear head on the model's pooled video embedding."""
+
+    labels: str | None = None
+    """CSV or Parquet: source_uri, label, optional start_s / end_s (a window), split (train or
+    test), verb and object; None: no classifier (`videobert run` skips the stage)."""
+    mode: str = "linear_probe"
+    """`linear_probe`: the pretrained encoder frozen, only the head trains; `full`: both train."""
+    model_uri: str | None = None
+    """The pretrained model, models:/<name>@<alias> or /<version> (resolved to one version first);
+    None: models:/<mlflow.registered_model>@champion."""
+    classifier_name: str = "videobert-classifier"
+    """Registered model name of the classifiers (`candidate` on each version, `champion` on the best)."""
+    steps: int = 300
+    """Optimizer steps."""
+    batch_size: int = 32
+    """Labelled clips per step (all of them when there are fewer)."""
+    lr: float = 1e-2
+    """Learning rate of the head (new weights: a high rate)."""
+    encoder_lr: float = 1e-4
+    """Learning rate of the pretrained encoder in `full` mode (pretrained weights: a low rate)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    test_fraction: float = 0.2
+    """Without a `split` column: the share of videos held out for test, by video hash."""
+    log_every: int = 10
+    """Steps between logged training metrics."""
+    seed: int = 0
+    """Seed of the head's initialisation and of the batches."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in FINETUNE_MODES:
+            raise ConfigError(f"finetune.mode must be one of {', '.join(FINETUNE_MODES)}, got {self.mode!r}")
+        if self.model_uri is not None:
+            _parse_uri_of("finetune.model_uri", self.model_uri)
+        if not self.classifier_name:
+            raise ConfigError("finetune.classifier_name must be set")
+        if self.steps < 1 or self.batch_size < 1 or self.log_every < 1:
+            raise ConfigError("finetune.steps, finetune.batch_size and finetune.log_every must be >= 1")
+        if not self.lr > 0 or not self.encoder_lr > 0 or self.weight_decay < 0:
+            raise ConfigError("finetune.lr and finetune.encoder_lr must be > 0, finetune.weight_decay >= 0")
+        if not 0 < self.test_fraction < 1:
+            raise ConfigError(f"finetune.test_fraction must be in (0, 1), got {self.test_fraction}")
+
+
 @dataclass
 class DemoConfig:
     """The generated demo corpus (`videobert demo-corpus`): which classes, how many videos."""
@@ -632,6 +682,7 @@ class ExperimentConfig:
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     lease: LeaseConfig = field(default_factory=LeaseConfig)
 
@@ -650,6 +701,8 @@ class ExperimentConfig:
             self.evaluate.model_uri = f"models:/{registered}@candidate"
         if self.embed.model_uri is None:
             self.embed.model_uri = f"models:/{registered}@champion"
+        if self.finetune.model_uri is None:
+            self.finetune.model_uri = f"models:/{registered}@champion"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

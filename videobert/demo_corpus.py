@@ -13,6 +13,12 @@ labelled validation set, the last video of each (object, action) class (every vi
 there is one per class), with `source_uri` spelled exactly as `storage.list_objects` lists
 it. Labelled videos are kept out of pretraining (tokenize leaves them out of `tokens/`), so
 the other videos are the ones the model learns from.
+
+When asked (`classes_uri`: `finetune.labels` for `videobert demo-corpus`), a classification table
+too: `source_uri, label, split, verb, object` for every generated video, `label` being the
+instruction's "<verb> the <object>" (12 classes by default: what is shown and what is done,
+which zero-shot can score through the template's two masks as well), `split` `test` for the
+labelled videos above (never pretrained on) and `train` for the others.
 """
 
 from __future__ import annotations
@@ -288,12 +294,17 @@ def default_labels_uri(source: str, labels: str | None) -> str:
     return labels or storage.join(source, "labels.csv")
 
 
-def labels_csv(rows: list[tuple[str, str, str]]) -> bytes:
+def labels_csv(
+    rows: list[tuple[str, ...]], header: tuple[str, ...] = ("source_uri", "verb", "object")
+) -> bytes:
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["source_uri", "verb", "object"])
+    writer.writerow(header)
     writer.writerows(rows)
     return text.getvalue().encode()
+
+
+CLASSES_HEADER = ("source_uri", "label", "split", "verb", "object")
 
 
 class _Writer:
@@ -325,21 +336,30 @@ class _Writer:
 
 
 def generate_corpus(
-    source: str, spec: DemoSpec | None = None, labels_uri: str | None = None, s3: S3Config | None = None
+    source: str,
+    spec: DemoSpec | None = None,
+    labels_uri: str | None = None,
+    s3: S3Config | None = None,
+    classes_uri: str | None = None,
 ) -> CorpusSummary:
-    """Write the demo videos, their .vtt narrations, the sample videos and labels.csv."""
+    """Write the demo videos, their .vtt narrations, the sample videos and labels.csv (and the
+    classification table at `classes_uri` when given)."""
     spec = spec or DemoSpec()
     labels_uri = default_labels_uri(source, labels_uri)
     if storage.is_s3(source):
         storage.check_reachable(source, s3)
     summary = CorpusSummary(source=source, labels_uri=labels_uri)
     writer = _Writer(source, s3)
-    rows = []
+    rows, classes = [], []
     for video in plan_corpus(spec):
-        writer.put(listed_uri(source, f"{video.stem}.mp4"), encode_mp4(render_frames(video, spec), spec.fps))
+        uri = listed_uri(source, f"{video.stem}.mp4")
+        writer.put(uri, encode_mp4(render_frames(video, spec), spec.fps))
         writer.put(listed_uri(source, f"{video.stem}.vtt"), to_webvtt(narration(video, spec)).encode())
-        if video.stem.endswith(f"-{spec.videos_per_class - 1:02d}"):  # the class's last: labelled
-            rows.append((listed_uri(source, f"{video.stem}.mp4"), video.verb, video.object))
+        labelled = video.stem.endswith(f"-{spec.videos_per_class - 1:02d}")  # the class's last
+        if labelled:
+            rows.append((uri, video.verb, video.object))
+        split = "test" if labelled else "train"
+        classes.append((uri, f"{video.verb} the {video.object}", split, video.verb, video.object))
         summary.videos += 1
         summary.transcripts += 1
     samples = sample_videos()
@@ -349,6 +369,9 @@ def generate_corpus(
         writer.put(listed_uri(source, f"{SAMPLES_DIR}/{path.name}"), path.read_bytes())
         summary.samples += 1
     writer.put(labels_uri if storage.is_s3(labels_uri) else str(Path(labels_uri).resolve()), labels_csv(rows))
+    if classes_uri:
+        where = classes_uri if storage.is_s3(classes_uri) else str(Path(classes_uri).resolve())
+        writer.put(where, labels_csv(classes, CLASSES_HEADER))
     summary.written, summary.unchanged = writer.written, writer.unchanged
     log.info(
         "demo corpus at %s: %d videos, %d samples (%d files written, %d unchanged); labels at %s",

@@ -58,15 +58,16 @@ class VideoEmbeddings:
     num_chunks: np.ndarray  # [N] int64
 
 
-@torch.no_grad()
-def embed_videos(
+def pooled_embeddings(
     model: VideoBert,
     vocab: JointVocab,
     videos: Sequence[np.ndarray],
     max_len: int,
     chunks_per_pass: int = 64,
-) -> VideoEmbeddings:
-    """Embed each video (its codebook ids in clip order) with `model` (see the module doc)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(embedding [N, H], cls_embedding [N, H], chunks [N]) of each video (its codebook ids in
+    clip order), float64 on the model's device (see the module doc). Differentiable: classification
+    fine-tuning (videobert/classification.py) trains through it; `embed_videos` runs it without grad."""
     if max_len > model.config.max_positions:
         raise ValueError(f"max_len {max_len} exceeds the model's max_positions {model.config.max_positions}")
     no_text = np.empty(0, np.int64)
@@ -102,13 +103,29 @@ def embed_videos(
         ).double()  # [R, T, H]
         weights = torch.as_tensor(video_tokens, device=device)  # [R, T]
         owner = torch.as_tensor([video for video, _, _ in part], device=device)  # [R]
-        token_sums.index_add_(0, owner, (hidden * weights.unsqueeze(-1)).sum(1))  # [R, T, H] -> [R, H]
-        cls_sums.index_add_(0, owner, hidden[:, 0])
-        tokens.index_add_(0, owner, weights.sum(1))
-        num_chunks.index_add_(0, owner, torch.ones_like(owner, dtype=torch.float64))
+        # Out of place (index_add, not index_add_): autograd keeps every pass's contribution.
+        token_sums = token_sums.index_add(
+            0, owner, (hidden * weights.unsqueeze(-1)).sum(1)
+        )  # [R, T, H] -> [R, H]
+        cls_sums = cls_sums.index_add(0, owner, hidden[:, 0])
+        tokens = tokens.index_add(0, owner, weights.sum(1))
+        num_chunks = num_chunks.index_add(0, owner, torch.ones_like(owner, dtype=torch.float64))
+    return token_sums / tokens.unsqueeze(-1), cls_sums / num_chunks.unsqueeze(-1), num_chunks
+
+
+@torch.no_grad()
+def embed_videos(
+    model: VideoBert,
+    vocab: JointVocab,
+    videos: Sequence[np.ndarray],
+    max_len: int,
+    chunks_per_pass: int = 64,
+) -> VideoEmbeddings:
+    """Embed each video (its codebook ids in clip order) with `model` (see the module doc)."""
+    embedding, cls_embedding, num_chunks = pooled_embeddings(model, vocab, videos, max_len, chunks_per_pass)
     return VideoEmbeddings(
-        embedding=(token_sums / tokens.unsqueeze(-1)).float().cpu().numpy(),
-        cls_embedding=(cls_sums / num_chunks.unsqueeze(-1)).float().cpu().numpy(),
+        embedding=embedding.float().cpu().numpy(),
+        cls_embedding=cls_embedding.float().cpu().numpy(),
         num_chunks=num_chunks.cpu().numpy().astype(np.int64),
     )
 
@@ -276,6 +293,24 @@ def check_compatible(model: ModelVersionInfo, codebook_meta: dict[str, Any], enc
         )
 
 
+def model_codebook(
+    model: ModelVersionInfo, config: ExperimentConfig, encoder: str
+) -> tuple[str, dict[str, Any]]:
+    """(URI, codebook.json) of the version's codebook, checked to fit its vocabulary and the
+    `encoder` this config builds (`check_compatible`); ConfigError when it does not or is gone."""
+    from videobert.codebook import METADATA_FILE
+
+    codebook_uri = model.metadata.get("codebook_uri")
+    if not codebook_uri:
+        raise ConfigError(f"{model.uri}: its metadata.json names no codebook_uri")
+    try:
+        codebook_meta = json.loads(storage.read_bytes(storage.join(codebook_uri, METADATA_FILE), config.s3))
+    except FileNotFoundError as error:
+        raise ConfigError(f"{model.uri}: its codebook {codebook_uri} is gone ({error})") from error
+    check_compatible(model, codebook_meta, encoder)
+    return codebook_uri, codebook_meta
+
+
 def reusable_features(config: ExperimentConfig, encoder: str) -> dict[str, str]:
     """video_id -> ETag of every video with extract's committed features from this encoder."""
     manifest = tables.read_manifest(config.output, config.s3)
@@ -375,22 +410,14 @@ class EmbedPlan:
 def plan_embed(config: ExperimentConfig) -> EmbedPlan:
     """Resolve `embed.model_uri` to one version, check that its codebook fits this config's
     encoder, and list the videos whose embedding is not up to date (`videos.is_up_to_date`)."""
-    from videobert.codebook import METADATA_FILE
     from videobert.features import encoder_id
     from videobert.registry import resolve_model_version
     from videobert.videos import list_videos, rows_by_video, videos_to_do
 
     s3 = config.s3
     model = resolve_model_version(config.embed.model_uri)
-    codebook_uri = model.metadata.get("codebook_uri")
-    if not codebook_uri:
-        raise ConfigError(f"{model.uri}: its metadata.json names no codebook_uri")
-    try:
-        codebook_meta = json.loads(storage.read_bytes(storage.join(codebook_uri, METADATA_FILE), s3))
-    except FileNotFoundError as error:
-        raise ConfigError(f"{model.uri}: its codebook {codebook_uri} is gone ({error})") from error
     encoder = encoder_id(config.encoder)
-    check_compatible(model, codebook_meta, encoder)
+    codebook_uri, codebook_meta = model_codebook(model, config, encoder)
 
     root = config.embed.output or tables.Layout(config.output).embeddings
     storage.check_reachable(root, s3, create=True)

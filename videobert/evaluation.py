@@ -231,6 +231,8 @@ def zero_shot(
         "verb_confusion": confusion_matrix(verb_targets, verb_scores.argmax(1), len(verbs)),
         "objects": np.asarray(objects),
         "verbs": np.asarray(verbs),
+        "object_scores": object_scores,  # [items, objects]: a classifier over other classes reuses them
+        "verb_scores": verb_scores,
     }
     return metrics, details
 
@@ -244,15 +246,21 @@ def rows_to_columns(table: pa.Table) -> HeldOut:
 # ---- the evaluate stage (Ray glue: pipelines/evaluate.py) --------------------------------------
 
 
-def read_labels(uri: str, config: ExperimentConfig) -> pa.Table:
-    """The labelled set: CSV or Parquet with source_uri, verb, object."""
+def read_labels(
+    uri: str,
+    config: ExperimentConfig,
+    columns: Sequence[str] = ("source_uri", "verb", "object"),
+    key: str = "evaluate.labels",
+) -> pa.Table:
+    """A labelled set: CSV or Parquet with these `columns` (evaluate's: source_uri, verb, object);
+    a missing column is a ConfigError naming `key`."""
     if uri.endswith(".parquet"):
         table = storage.read_parquet(uri, config.s3)
     else:
         table = pacsv.read_csv(io.BytesIO(storage.read_bytes(uri, config.s3)))
-    missing = {"source_uri", "verb", "object"} - set(table.column_names)
+    missing = set(columns) - set(table.column_names)
     if missing:
-        raise ConfigError(f"evaluate.labels {uri}: missing columns {sorted(missing)}")
+        raise ConfigError(f"{key} {uri}: missing columns {sorted(missing)}")
     return table
 
 
@@ -281,19 +289,20 @@ def labelled_video_ids(config: ExperimentConfig) -> set[str]:
     return {video_id(listed_uri(str(u))) for u in labels["source_uri"].to_pylist()}
 
 
-def evalset_root(config: ExperimentConfig) -> str:
-    """Where the labelled set's own tables live: `<output>/evalsets/<digest of evaluate.labels>/`,
-    laid out as `output` is (videos/, features/, tokens/, tokens_manifest/; `tables.Layout`).
-    Nothing under it is listed by tokenize or read by pretrain."""
-    labels = listed_uri(config.evaluate.labels or "")
+def evalset_root(config: ExperimentConfig, labels: str | None = None) -> str:
+    """Where a labelled set's own tables live: `<output>/evalsets/<digest of its URI>/` (`labels`,
+    default evaluate.labels; finetune.labels has its own), laid out as `output` is (videos/,
+    features/, tokens/, tokens_manifest/; `tables.Layout`). Nothing under it is listed by
+    tokenize or read by pretrain."""
+    labels = listed_uri(labels or config.evaluate.labels or "")
     return storage.join(config.output, "evalsets", hashlib.sha256(labels.encode()).hexdigest()[:16])
 
 
-def evalset_config(config: ExperimentConfig) -> ExperimentConfig:
+def evalset_config(config: ExperimentConfig, labels: str | None = None) -> ExperimentConfig:
     """`config` with `output` (and `source`) moved to the labelled set's tables: extract's
     committer and tokenize's plan, writers and commit then work on them unchanged. Its labels
     are unset, since tokenize would otherwise leave out every labelled video, i.e. all of them."""
-    root = evalset_root(config)
+    root = evalset_root(config, labels)
     return replace(config, output=root, source=root, evaluate=replace(config.evaluate, labels=None))
 
 
@@ -340,11 +349,15 @@ class EvalSetPlan:
     """video_id -> its current evalset manifest row."""
 
 
-def plan_evalset(config: ExperimentConfig, encoder: str) -> EvalSetPlan:
-    """Compare the labelled videos with the evalset's manifest by extract's skip rule
-    (`is_up_to_date`): only new, changed or failed (when retried) videos are done again."""
-    labels = read_labels(config.evaluate.labels, config)["source_uri"] if config.evaluate.labels else []
-    uris = sorted({listed_uri(str(u)) for u in labels})
+def plan_evalset(config: ExperimentConfig, encoder: str, labels: str | None = None) -> EvalSetPlan:
+    """Compare the videos of a labelled set (`labels`, default evaluate.labels) with its evalset's
+    manifest by extract's skip rule (`is_up_to_date`): only new, changed or failed (when
+    retried) videos are done again."""
+    if labels:  # another stage's table (checked by that stage): only its videos matter here
+        column = read_labels(labels, config, ["source_uri"], "labels")["source_uri"]
+    else:
+        column = read_labels(config.evaluate.labels, config)["source_uri"] if config.evaluate.labels else []
+    uris = sorted({listed_uri(str(u)) for u in column})
     objects, listed = _objects_near(uris, config)
     videos, missing = [], {}
     for uri in uris:
@@ -369,7 +382,7 @@ def plan_evalset(config: ExperimentConfig, encoder: str) -> EvalSetPlan:
                 "transcript_uri": transcript,
             }
         )
-    done = rows_by_video(read_manifest(evalset_root(config), config.s3))
+    done = rows_by_video(read_manifest(evalset_root(config, labels), config.s3))
     stale = videos_to_do(videos, done, config.extract.retry_errors, encoder=encoder)
     stale_ids = {v["video_id"] for v in stale}
     extracted = rows_by_video(read_manifest(config.output, config.s3))
@@ -385,10 +398,13 @@ def plan_evalset(config: ExperimentConfig, encoder: str) -> EvalSetPlan:
     return EvalSetPlan(videos, missing, adopt, todo, relinked_rows(done, kept), done)
 
 
-def adopt_extracted(config: ExperimentConfig, videos: list[dict[str, Any]]) -> None:
-    """Copy extract's committed features of these videos into the evalset's tables: the file
-    first, then its manifest row (the commit rule), so nothing under `source` is decoded twice."""
-    source, target = Layout(config.output), Layout(evalset_root(config))
+def adopt_extracted(
+    config: ExperimentConfig, videos: list[dict[str, Any]], labels: str | None = None
+) -> None:
+    """Copy extract's committed features of these videos into the evalset's tables (of `labels`,
+    default evaluate.labels): the file first, then its manifest row (the commit rule), so
+    nothing under `source` is decoded twice."""
+    source, target = Layout(config.output), Layout(evalset_root(config, labels))
     extracted = rows_by_video(read_manifest(config.output, config.s3))
     rows = []
     for video in videos:
@@ -401,12 +417,16 @@ def adopt_extracted(config: ExperimentConfig, videos: list[dict[str, Any]]) -> N
 
 
 def unreadable_labelled_videos(
-    config: ExperimentConfig, plan: EvalSetPlan, token_errors: dict[str, str] | None = None
+    config: ExperimentConfig,
+    plan: EvalSetPlan,
+    token_errors: dict[str, str] | None = None,
+    labels: str | None = None,
 ) -> dict[str, str]:
-    """source_uri -> why, for every labelled video that cannot be scored: a missing object, an
-    evalset manifest row in error (decode, read, features), or a tokenize error."""
+    """source_uri -> why, for every labelled video (of `labels`, default evaluate.labels) that
+    cannot be scored: a missing object, an evalset manifest row in error (decode, read,
+    features), or a tokenize error."""
     unreadable = dict(plan.missing)
-    manifest = rows_by_video(read_manifest(evalset_root(config), config.s3))
+    manifest = rows_by_video(read_manifest(evalset_root(config, labels), config.s3))
     by_id = {v["video_id"]: v["source_uri"] for v in plan.videos}
     for vid, uri in by_id.items():
         row = manifest.get(vid)

@@ -10,33 +10,50 @@ from __future__ import annotations
 
 from typing import Any
 
+VIDEOS_FRAME = (
+    "videos = pd.DataFrame(\n"
+    "    {\n"
+    '        "video": ["s3://bucket/videos/cooking.mp4", "/data/videos/local.mp4"],\n'
+    '        "start_s": [0.0, None],  # optional window in seconds; None: the whole video\n'
+    '        "end_s": [30.0, None],\n'
+    "    }\n"
+    ")\n"
+)
+UNREADABLE_NOTE = (
+    "A video that cannot be read (missing, not a video, over a `decode` bound) gets its reason in "
+    "`error` and no {what}; the other rows are {done} all the same. S3 endpoint and region "
+    "come from the model's `s3` settings or the AWS variables, credentials from the environment.\n"
+)
+
+
+def _load(model_uri: str) -> str:
+    return f'import mlflow\nimport pandas as pd\n\nmodel = mlflow.pyfunc.load_model("{model_uri}")\n'
+
 
 def predict_example(model_uri: str, video_input: bool = True) -> str:
     """A markdown snippet that loads `model_uri` and calls predict."""
-    load = f'import mlflow\nimport pandas as pd\n\nmodel = mlflow.pyfunc.load_model("{model_uri}")\n'
     videos = (
-        "videos = pd.DataFrame(\n"
-        "    {\n"
-        '        "video": ["s3://bucket/videos/cooking.mp4", "/data/videos/local.mp4"],\n'
-        '        "start_s": [0.0, None],  # optional window in seconds; None: the whole video\n'
-        '        "end_s": [30.0, None],\n'
-        "    }\n"
-        ")\n"
-        "out = model.predict(videos)  # per video: embedding, cls_embedding, visual_words, num_clips, error\n"
+        VIDEOS_FRAME
+        + "out = model.predict(videos)  # per video: embedding, cls_embedding, visual_words, num_clips, error\n"
     )
     tokens = (
         "# token ids (joint vocabulary): embedding, cls_embedding, alignment_score, mlm_predictions, mlm_scores\n"
         'out = model.predict(pd.DataFrame({"input_ids": [[2, 17, 4, 3]]}))\n'
     )
-    code = load + "\n" + (videos + "\n" if video_input else "") + tokens
-    notes = (
-        "A video that cannot be read (missing, not a video, over a `decode` bound) gets its reason in "
-        "`error` and no embedding; the other rows are embedded all the same. S3 endpoint and region "
-        "come from the model's `s3` settings or the AWS variables, credentials from the environment.\n"
-        if video_input
-        else ""
-    )
+    code = _load(model_uri) + "\n" + (videos + "\n" if video_input else "") + tokens
+    notes = UNREADABLE_NOTE.format(what="embedding", done="embedded") if video_input else ""
     return f"```python\n{code}```\n\n{notes}"
+
+
+def classifier_predict_example(model_uri: str) -> str:
+    """A markdown snippet that loads the classifier `model_uri` and classifies videos."""
+    code = (
+        _load(model_uri)
+        + "\n"
+        + VIDEOS_FRAME
+        + "out = model.predict(videos)  # per video: label, scores (one per class, in the logged order), error\n"
+    )
+    return f"```python\n{code}```\n\n" + UNREADABLE_NOTE.format(what="label", done="classified")
 
 
 def _trained_on(metadata: dict[str, Any]) -> list[str]:
@@ -130,4 +147,64 @@ def registered_model_card(name: str) -> str:
         "(moved by `videobert promote`). Each version's description says what it was trained on "
         "(codebook and tokenizer versions, videos) and how it scored.\n\n"
         "## Use\n\n" + predict_example(f"models:/{name}@champion")
+    )
+
+
+def classifier_card(
+    name: str,
+    version: str,
+    metadata: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+    eval_run_id: str | None = None,
+) -> str:
+    """The description of one classifier version: the pretrained version it was built on, its
+    classes and labelled clips, its test metrics next to the pretrained model's zero-shot ones."""
+    info = metadata.get("classifier") or {}
+    classes = list(info.get("classes") or [])
+    shown = ", ".join(f"`{c}`" for c in classes[:40]) + (
+        f" and {len(classes) - 40} more" if len(classes) > 40 else ""
+    )
+    mode = {"linear_probe": "a linear probe: the encoder frozen", "full": "fine-tuned end to end"}.get(
+        info.get("mode"), info.get("mode")
+    )
+    clips = info.get("clips") or {}
+    lines = [
+        f"# {name} v{version}",
+        "",
+        f"A video classifier over {len(classes)} classes: a linear head on the pooled video embedding of "
+        f"`{info.get('pretrained_model', '?')}` ({mode}; {info.get('steps', '?')} steps).",
+        "",
+        f"**Classes:** {shown}.",
+        "",
+        "## Trained on",
+        "",
+        f"- **Labels:** `{info.get('labels_uri', '?')}` (digest `{info.get('labels_digest', 'unknown')}`): "
+        f"{clips.get('train', '?')} train and {clips.get('test', '?')} test clips.",
+        f"- **Input:** {info.get('input', '?')}.",
+        f"- **Pretrained model:** `{info.get('pretrained_model', '?')}`, built on:",
+        *(f"  {line}" for line in _trained_on(metadata)),
+        "",
+        "## Evaluation (test split)",
+        "",
+        "`zero_shot_*`: the pretrained model's template accuracy on the same test clips, before fine-tuning.",
+        "",
+        *_evaluation(metrics or {}, eval_run_id),
+        "",
+        "## Use",
+        "",
+    ]
+    return "\n".join(lines) + "\n" + classifier_predict_example(f"models:/{name}/{version}")
+
+
+def classifier_model_card(name: str) -> str:
+    """The description of the registered classifiers (each version's own names its classes)."""
+    return (
+        f"# {name}\n\n"
+        "Video classifiers made by `videobert finetune-classify`: a linear head on a pretrained "
+        "VideoBERT's pooled video embedding, trained on a labelled table (`finetune.labels`). Each "
+        "version carries the pretrained model's files (encoder, codebook, tokenizer, decode settings), "
+        "its own weights and its class list, so `predict` takes raw video.\n\n"
+        "Aliases: `candidate` is the newest version; `champion` the one with the best test top-1 "
+        "(`eval.test_top1`). The `pretrained_model` tag of each version names the model it was built on.\n\n"
+        "## Use\n\n" + classifier_predict_example(f"models:/{name}@champion")
     )

@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -258,8 +259,6 @@ def log_and_register_model(
     (videobert/model_inputs.py: the config's encoder, that codebook, the `tokenizer_uri`
     tokenizer, the decode settings) and takes raw video; else it takes token ids only.
     """
-    import torchvision
-
     from videobert.model_inputs import write_model_inputs
 
     model = model.float().cpu().eval()
@@ -277,32 +276,51 @@ def log_and_register_model(
         save_pretrained(model, vocab, model_dir)
         (model_dir / "metadata.json").write_text(redact(json.dumps(metadata, indent=2)))
         (model_dir / "experiment.yaml").write_text(config_to_yaml(config))
-        with mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=VideoBertPyfunc(),
-                artifacts={"model": str(model_dir), **artifacts},
-                code_paths=[os.path.dirname(videobert.__file__)],
-                signature=model_signature(),
-                input_example=video_input_example() if takes_video else input_example(vocab),
-                pip_requirements=[
-                    f"torch=={torch.__version__.split('+')[0]}",  # rebuilds random S3D weights alike
-                    f"torchvision=={torchvision.__version__.split('+')[0]}",
-                    "numpy",
-                    "pandas",
-                    "pyarrow",
-                    "av",
-                    "safetensors",
-                    "tokenizers",
-                    "pyyaml",
-                ],
-                registered_model_name=registered_model,
-            )
-    version = str(info.registered_model_version)
+        artifacts["model"] = str(model_dir)
+        example = video_input_example() if takes_video else input_example(vocab)
+        version = log_pyfunc(
+            run_id, VideoBertPyfunc(), artifacts, model_signature(), example, registered_model
+        )
     client = MlflowClient()
     client.set_registered_model_alias(registered_model, alias, version)
     describe_version(client, registered_model, version, redact_metadata(metadata))
     return version
+
+
+def log_pyfunc(
+    run_id: str,
+    python_model: mlflow.pyfunc.PythonModel,
+    artifacts: dict[str, str],
+    signature: Any,
+    example: pd.DataFrame,
+    registered_model: str,
+) -> str:
+    """Log a pyfunc over our plain-file `artifacts` into the run, with the `videobert` package as
+    code, and register it under `registered_model`; returns the new version."""
+    import torchvision
+
+    with mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=python_model,
+            artifacts=artifacts,
+            code_paths=[os.path.dirname(videobert.__file__)],
+            signature=signature,
+            input_example=example,
+            pip_requirements=[
+                f"torch=={torch.__version__.split('+')[0]}",  # rebuilds random S3D weights alike
+                f"torchvision=={torchvision.__version__.split('+')[0]}",
+                "numpy",
+                "pandas",
+                "pyarrow",
+                "av",
+                "safetensors",
+                "tokenizers",
+                "pyyaml",
+            ],
+            registered_model_name=registered_model,
+        )
+    return str(info.registered_model_version)
 
 
 def redact_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -311,11 +329,17 @@ def redact_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
 
 
 def describe_version(
-    client: MlflowClient, name: str, version: str, metadata: dict[str, Any] | None = None
+    client: MlflowClient,
+    name: str,
+    version: str,
+    metadata: dict[str, Any] | None = None,
+    card: Callable[..., str] = version_card,
+    model_card: str | None = None,
 ) -> None:
     """Write the model cards (videobert/model_card.py) of `name` and of `version`: what it was
     trained on (its metadata.json, read when not given) and its `eval.*` tags. A card already
-    up to date is not rewritten, so reruns write nothing."""
+    up to date is not rewritten, so reruns write nothing. `card` and `model_card`: another
+    registered model's (the classifiers')."""
     if metadata is None:
         metadata = resolve_model_version(f"models:/{name}/{version}").metadata
     current = client.get_model_version(name, version)
@@ -325,10 +349,10 @@ def describe_version(
         for key, value in tags.items()
         if key.startswith("eval.") and key != EVAL_RUN_TAG
     }
-    card = version_card(name, version, metadata, metrics, tags.get(EVAL_RUN_TAG))
-    if current.description != card:
-        client.update_model_version(name, version, description=card)
-    model_card = registered_model_card(name)
+    text = card(name, version, metadata, metrics, tags.get(EVAL_RUN_TAG))
+    if current.description != text:
+        client.update_model_version(name, version, description=text)
+    model_card = model_card or registered_model_card(name)
     if client.get_registered_model(name).description != model_card:
         client.update_registered_model(name, description=model_card)
 
@@ -616,7 +640,10 @@ def register_pretrained(
     return version
 
 
-def already_trained(config: ExperimentConfig, trained_on: dict[str, str]) -> str | None:
-    """The candidate version when it was trained on exactly `trained_on` (TRAINED_ON_TAGS)."""
-    tags = version_tags(MlflowClient(), config.mlflow.registered_model, CANDIDATE)
-    return tags["version"] if tags and all(tags.get(t) == trained_on[t] for t in TRAINED_ON_TAGS) else None
+def already_trained(
+    config: ExperimentConfig, trained_on: dict[str, str], model_name: str | None = None
+) -> str | None:
+    """The candidate version of `model_name` (default mlflow.registered_model) when its tags say
+    it was trained on exactly `trained_on` (pretrain's: TRAINED_ON_TAGS)."""
+    tags = version_tags(MlflowClient(), model_name or config.mlflow.registered_model, CANDIDATE)
+    return tags["version"] if tags and all(tags.get(t) == v for t, v in trained_on.items()) else None

@@ -112,6 +112,28 @@ class EvaluationResult:
     """source_uri -> why, for each labelled video that could not be scored."""
 
 
+@dataclass
+class FinetuneResult:
+    """One classifier version (`videobert finetune-classify`), or the one found already trained."""
+
+    classifier_name: str
+    version: str
+    pretrained_uri: str
+    """The pinned pretrained version it was built on, models:/<name>/<version>."""
+    run_id: str = ""
+    metrics: dict[str, float] = field(default_factory=dict)
+    promoted: bool = False
+    """True when the version is (now) the classifiers' champion."""
+    skipped: bool = False
+    """True when the candidate was already trained on this pretrained version, table and settings."""
+    unreadable: dict[str, str] = field(default_factory=dict)
+    """video (or window) -> why, for each labelled clip that could not be used."""
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.classifier_name}/{self.version}"
+
+
 # ---- video stages ----------------------------------------------------------------------------
 
 

@@ -126,8 +126,9 @@ def setup_experiment(config: ExperimentConfig) -> str:
 # -- the pretraining run ----------------------------------------------------------------------
 
 
-def start_or_resume_run(config: ExperimentConfig, run_name: str) -> tuple[str, bool]:
-    """The MLflow run for this Ray Train run name: the existing one on a rerun, else a new one.
+def start_or_resume_run(config: ExperimentConfig, run_name: str, stage: str = "pretrain") -> tuple[str, bool]:
+    """The MLflow run of this training run name (pretrain's Ray Train run, finetune-classify's):
+    the existing one on a rerun, else a new one tagged with `stage`.
 
     Returns (run_id, resumed). Config params are logged once, when the run is created.
     """
@@ -142,9 +143,7 @@ def start_or_resume_run(config: ExperimentConfig, run_name: str) -> tuple[str, b
         run_id = existing[0].info.run_id
         client.update_run(run_id, status="RUNNING")
         return run_id, True
-    run = client.create_run(
-        experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, "stage": "pretrain"}
-    )
+    run = client.create_run(experiment_id, run_name=run_name, tags={RUN_NAME_TAG: run_name, "stage": stage})
     params = {k: ("" if v is None else str(v))[:6000] for k, v in flat_params(config).items()}
     items = list(params.items())
     for start in range(0, len(items), 90):  # log_batch takes at most 100 params

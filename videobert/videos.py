@@ -122,6 +122,11 @@ def clip_window(video: dict[str, Any], decode: DecodeConfig) -> tuple[DecodeConf
     return replace(decode, max_clips=min(clips, decode.max_clips or clips)), start, float(end)
 
 
+def in_window(clip_start: float, clip_end: float, window_start: float, window_end: float) -> bool:
+    """A clip belongs to a window when its middle does."""
+    return window_start <= (clip_start + clip_end) / 2 < window_end
+
+
 def decode_video(video: dict[str, Any], decode: DecodeConfig, s3: S3Config) -> Iterator[dict[str, Any]]:
     """One video -> a row per clip (frames as raw bytes), then one END row with status and info.
 
@@ -146,7 +151,7 @@ def decode_video(video: dict[str, Any], decode: DecodeConfig, s3: S3Config) -> I
                     fps=video_info.fps,
                 )
                 break
-            if not window_start <= (clip.start_s + clip.end_s) / 2 < window_end:
+            if not in_window(clip.start_s, clip.end_s, window_start, window_end):
                 continue
             yield {
                 **base,

@@ -1,0 +1,200 @@
+"""The registered classifier: a pretrained VideoBERT version plus a trained head, as its own
+MLflow registered model (`finetune.classifier_name`, default `videobert-classifier`).
+
+A version's artifacts are plain files (safetensors and JSON; nothing pickled but the pyfunc
+class, by reference):
+
+    videobert/    the pretrained version's files (videobert/registry.py); in `full` mode
+                  model.safetensors holds the fine-tuned encoder. metadata.json is the
+                  pretrained version's, plus `classifier` (what is below, and the lineage)
+    inputs/       the pretrained version's input files, copied (encoder, codebook, tokenizer,
+                  decode and s3 settings: videobert/model_inputs.py)
+    classifier/   head.safetensors (`linear.weight`, `linear.bias`, `mean`, `std`) and
+                  classes.json (the classes in the order of the head's outputs and of `scores`)
+
+`predict` takes a DataFrame with a `video` column (local paths or s3:// URIs) and optional
+`start_s` / `end_s`, and returns per row `label`, `scores` (a probability per class, in the
+order of classes.json) and `error`: the pretrained pyfunc's video chain (`predict_videos`:
+decode, S3D, codebook, `[CLS] video [SEP]` pooled), then the head. A video that cannot be read
+gets its reason in `error` and no label; the batch goes on.
+
+Aliases: `candidate` on each new version; `champion` moved by `registry.promote` on
+`eval.test_top1` (strictly higher wins). The version's `pretrained_model` tag names the
+pretrained version it was built on; `labels_digest` and `finetune_digest` say what it was
+trained on, so a rerun over the same inputs trains nothing (`registry.already_trained`).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from videobert.classification import ClassifierHead
+from videobert.config import ConfigError, ExperimentConfig, config_to_yaml, redact
+from videobert.registry import (
+    INPUT_FILES_DIR,
+    MODEL_FILES_DIR,
+    VideoBertPyfunc,
+    log_pyfunc,
+    predict_videos,
+    video_input_example,
+)
+
+if TYPE_CHECKING:
+    from videobert.registry import ModelVersionInfo
+
+CLASSIFIER_FILES_DIR = "classifier"
+HEAD_FILE = "head.safetensors"
+CLASSES_FILE = "classes.json"
+OUTPUT_COLUMNS = ("label", "scores", "error")
+LINEAGE_TAG = "pretrained_model"
+"""On a classifier version: the pinned pretrained version it was built on, models:/<name>/<version>."""
+
+
+def save_head(
+    head: dict[str, torch.Tensor], classes: list[str], info: dict[str, Any], directory: Path
+) -> None:
+    """classifier/: head.safetensors and classes.json (classes plus `info`)."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.float().contiguous() for k, v in head.items()}, str(directory / HEAD_FILE))
+    (directory / CLASSES_FILE).write_text(redact(json.dumps({"classes": classes, **info}, indent=2)))
+
+
+def load_head(directory: str | Path) -> tuple[ClassifierHead, list[str]]:
+    """The head (eval mode, CPU) and its classes, from classifier/."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    state = load_file(str(directory / HEAD_FILE))
+    classes = list(json.loads((directory / CLASSES_FILE).read_text())["classes"])
+    hidden = state["linear.weight"].shape[1]
+    head = ClassifierHead(hidden, len(classes))
+    head.load_state_dict(state)
+    return head.eval(), classes
+
+
+@torch.no_grad()
+def classify_rows(head: ClassifierHead, classes: list[str], embedded: pd.DataFrame) -> pd.DataFrame:
+    """`predict_videos`' rows -> label, scores and error per row (no label where no embedding)."""
+    good = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
+    labels: list[str | None] = [None] * len(embedded)
+    scores: list[list[float] | None] = [None] * len(embedded)
+    if good:
+        device = head.linear.weight.device
+        inputs = torch.as_tensor(np.stack([embedded["embedding"][i] for i in good]), device=device)
+        probabilities = torch.softmax(head(inputs), -1).double().cpu().numpy()
+        for row, p in zip(good, probabilities, strict=True):
+            labels[row], scores[row] = classes[int(p.argmax())], p.tolist()
+    return pd.DataFrame(
+        {
+            "label": pd.Series(labels, dtype=object),
+            "scores": pd.Series(scores, dtype=object),
+            "error": pd.Series(list(embedded["error"]), dtype=object),
+        }
+    )
+
+
+class VideoClassifierPyfunc(VideoBertPyfunc):
+    """`predict(DataFrame with video[, start_s, end_s])` -> label, scores, error (module doc)."""
+
+    def load_context(self, context: Any) -> None:
+        super().load_context(context)
+        self.head, self.classes = load_head(context.artifacts[CLASSIFIER_FILES_DIR])
+
+    def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        if "video" not in model_input.columns:
+            raise ValueError(
+                f"expected a `video` column (local paths or s3:// URIs), optionally start_s / end_s; "
+                f"got {sorted(model_input.columns)}"
+            )
+        return classify_rows(self.head, self.classes, predict_videos(self._video_embedder(), model_input))
+
+
+def classifier_signature() -> Any:
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, Schema
+
+    inputs = [ColSpec("string", "video")]
+    inputs += [ColSpec("double", "start_s", required=False), ColSpec("double", "end_s", required=False)]
+    outputs = [ColSpec("string", "label", required=False), ColSpec(Array("double"), "scores", required=False)]
+    outputs += [ColSpec("string", "error", required=False)]
+    return ModelSignature(inputs=Schema(inputs), outputs=Schema(outputs))
+
+
+def check_takes_video(pretrained: ModelVersionInfo) -> None:
+    """ConfigError unless the pretrained version carries a clip encoder (its `inputs/`): without
+    one, a classifier built on it could not take raw video."""
+    encoder = pretrained.metadata.get("encoder") or {}
+    if encoder.get("weights") not in ("random", "file"):
+        reason = encoder.get("reason") or "registered without input files"
+        raise ConfigError(
+            f"finetune.model_uri {pretrained.uri}: the version carries no clip encoder ({reason}), so a "
+            "classifier built on it could not take raw video; pick a version registered by pretrain"
+        )
+
+
+def pretrained_files(pretrained: ModelVersionInfo, directory: Path) -> tuple[Path, Path]:
+    """The pretrained version's videobert/ and inputs/ artifacts, downloaded under `directory`."""
+    from mlflow.artifacts import download_artifacts
+
+    check_takes_video(pretrained)
+    base = f"models:/{pretrained.name}/{pretrained.version}/artifacts"
+    files = [
+        Path(download_artifacts(artifact_uri=f"{base}/{folder}", dst_path=str(directory)))
+        for folder in (MODEL_FILES_DIR, INPUT_FILES_DIR)
+    ]
+    return files[0], files[1]
+
+
+def register_classifier(
+    run_id: str,
+    config: ExperimentConfig,
+    pretrained: ModelVersionInfo,
+    head: dict[str, torch.Tensor],
+    encoder: dict[str, torch.Tensor] | None,
+    classes: list[str],
+    info: dict[str, Any],
+    tags: dict[str, str],
+) -> str:
+    """Log and register a classifier version (module doc) as `candidate`, with `tags` (lineage
+    and what it was trained on) and `info` in its metadata.json and classes.json; returns it."""
+    from mlflow import MlflowClient
+
+    from videobert.model import load_pretrained, load_weights, save_pretrained
+    from videobert.registry import CANDIDATE
+
+    name = config.finetune.classifier_name
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, inputs_dir = pretrained_files(pretrained, Path(tmp) / "pretrained")
+        files = Path(tmp) / "classifier-files"
+        shutil.copytree(model_dir, files / MODEL_FILES_DIR)
+        if encoder is not None:  # `full`: the fine-tuned encoder replaces the pretrained weights
+            model, vocab = load_pretrained(model_dir)
+            load_weights(model, encoder)
+            save_pretrained(model, vocab, files / MODEL_FILES_DIR)
+        metadata = {**pretrained.metadata, "classifier": {"classes": classes, **info}}
+        (files / MODEL_FILES_DIR / "metadata.json").write_text(redact(json.dumps(metadata, indent=2)))
+        (files / MODEL_FILES_DIR / "experiment.yaml").write_text(config_to_yaml(config))
+        save_head(head, classes, info, files / CLASSIFIER_FILES_DIR)
+        artifacts = {
+            "model": str(files / MODEL_FILES_DIR),
+            INPUT_FILES_DIR: str(inputs_dir),
+            CLASSIFIER_FILES_DIR: str(files / CLASSIFIER_FILES_DIR),
+        }
+        version = log_pyfunc(
+            run_id, VideoClassifierPyfunc(), artifacts, classifier_signature(), video_input_example(), name
+        )
+    client = MlflowClient()
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, redact(value))
+    return version
