@@ -138,7 +138,7 @@ class RayCluster:
         """
         command = [ray_bin(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO)]
         command += ["--runtime-env-json", json.dumps({"excludes": UPLOAD_EXCLUDES}), "--", *entrypoint]
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + 300  # under load (10+) the agent took over 180 s
         while True:
             result = subprocess.run(
                 command, cwd=REPO, env=env or self.env, capture_output=True, text=True, timeout=timeout
