@@ -6,7 +6,8 @@ calls them directly.
 
 Optimizer choice: a plain `torch.optim.AdamW` passed to DeepSpeed as a client optimizer (with
 `zero_allow_untested_optimizer`), plus a torch `LambdaLR`. DeepSpeed's own Adam variants
-JIT-compile C++/CUDA ops at first use, which costs 30-70 s per fresh worker on CPU.
+JIT-compile C++/CUDA ops at first use, which costs 30-70 s per fresh worker on CPU. For the
+same reason DeepSpeed's shared-memory CPU all-reduce is switched off (`skip_cpu_shm_comm`).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ def init_distributed(use_gpu: bool = False) -> None:
     """Join torch.distributed through DeepSpeed unless Ray Train (or someone) already did."""
     import deepspeed
 
+    if not use_gpu:
+        skip_cpu_shm_comm()
     if torch.distributed.is_initialized():
         return
     # A single process without a launcher: a world of one on this machine.
@@ -98,10 +101,27 @@ def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> tuple[torch.o
     return optimizer, schedule
 
 
+def skip_cpu_shm_comm() -> None:
+    """Keep DeepSpeed's comm backend from JIT-compiling its shared-memory CPU all-reduce.
+
+    Without a GPU, DeepSpeed builds that C++/OpenMP op with g++ the first time its comm backend
+    starts on a machine: 1-3 min on a 2-core box (every fresh CI machine, every first demo), and
+    a compiler on every CPU worker. Marked incompatible, DeepSpeed keeps to torch.distributed's
+    gloo group that Ray Train set up, which is what CPU runs (tests, the demo) need; GPU runs
+    use NCCL and never build it.
+    """
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
+
+
 def build_engine(model: VideoBert, train: TrainConfig, world_size: int) -> Any:
     """Wrap the model in a DeepSpeed engine (ZeRO stage, bf16, client AdamW + LambdaLR)."""
     import deepspeed
 
+    if not torch.cuda.is_available():
+        skip_cpu_shm_comm()
     optimizer, schedule = build_optimizer(model, train)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
