@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from pipelines.common import init_ray, stage_main
 from pipelines.ray_stages import actor_pool, decoded_videos, map_stage
 from videobert import storage, tables
@@ -37,16 +39,26 @@ log = logging.getLogger("videobert.embed")
 
 
 def words_of_decoded_videos(
-    config: ExperimentConfig, videos: list[dict[str, Any]], codebook_uri: str, committer: Any
+    config: ExperimentConfig,
+    videos: list[dict[str, Any]],
+    codebook_uri: str,
+    committer: Any,
+    keep_features: bool = False,
 ) -> list[dict[str, Any]]:
-    """Pass 1: decode + features + visual words; returns pass-2 items, commits decode errors."""
+    """Pass 1: decode + features + visual words; returns pass-2 items, commits decode errors.
+    `keep_features`: the items carry the clip features too (a model with video_input features/both)."""
     items: list[dict[str, Any]] = []
-    for video in decoded_videos(config, videos, ClipWords, codebook_uri=codebook_uri):
+    for video in decoded_videos(
+        config, videos, ClipWords, codebook_uri=codebook_uri, keep_features=keep_features
+    ):
         if video.error:
             committer.commit_video(video.video_id, video.error, error_kind=video.error_kind)
         else:
             words = video.visual_words().tolist()
-            items.append({"video_id": video.video_id, "visual_words": words, "features_uri": ""})
+            item = {"video_id": video.video_id, "visual_words": words, "features_uri": ""}
+            if keep_features:
+                item["features"] = video.clip_features().astype(np.float32).reshape(-1).tolist()
+            items.append(item)
     return items
 
 
@@ -86,6 +98,7 @@ def run(config: ExperimentConfig) -> EmbedResult:
     use_tracking_uri(tracking_uri(config))
     plan = plan_embed(config)
     model = plan.model
+    takes_features = model.config.takes_features  # the model's video_input: features or both
     log.info("embedding with %s (resolved from %s)", model.uri, model.requested)
     result = EmbedResult(
         run_id=stage_run_id("embed"),
@@ -103,10 +116,13 @@ def run(config: ExperimentConfig) -> EmbedResult:
         items = []
         if plan.decode:
             load_weights(config.encoder, config.s3)  # fail fast (exit 2) when the S3D weights cannot be had
-            items += words_of_decoded_videos(config, plan.decode, plan.codebook_uri, committer)
+            items += words_of_decoded_videos(
+                config, plan.decode, plan.codebook_uri, committer, keep_features=takes_features
+            )
         features_file = tables.Layout(config.output).features_file
         items += [
             {"video_id": v["video_id"], "visual_words": [], "features_uri": features_file(v["video_id"])}
+            | ({"features": []} if takes_features else {})
             for v in plan.reuse
         ]
         committer.features.update({v["video_id"]: REUSED for v in plan.reuse})

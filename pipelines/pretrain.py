@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 import tempfile
 from typing import TYPE_CHECKING, Any
@@ -30,6 +31,27 @@ if TYPE_CHECKING:
 log = logging.getLogger("videobert.pretrain")
 
 TOKEN_COLUMNS = ["video_id", "segment_index", "text_ids", "video_tokens"]
+# A model that takes clip features (model.video_input features / both) joins them by time.
+FEATURE_JOIN_COLUMNS = ["start_s", "end_s"]
+
+
+def token_columns(config: ExperimentConfig) -> list[str]:
+    return TOKEN_COLUMNS + (FEATURE_JOIN_COLUMNS if config.model.video_input != "tokens" else [])
+
+
+def example_builder(config: ExperimentConfig, vocab: Any, features_root: str | None = None) -> Any:
+    """rows, rng -> a packed batch; with clip features joined first when the model takes them,
+    from extract's tables under `features_root` (default: config.output; the driver passes it
+    absolute, since a Ray Train worker runs in another directory)."""
+    from videobert.training_examples import ExampleBuilder
+
+    builder = ExampleBuilder(vocab, config.model.max_seq_len, config.examples, config.model.video_input)
+    if config.model.video_input == "tokens":
+        return builder.batch
+    from videobert.token_shards import FeatureJoiner
+
+    joiner = FeatureJoiner(features_root or config.output, config.s3)
+    return lambda rows, rng: builder.batch(joiner(rows), rng)
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -39,7 +61,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     from videobert import training
     from videobert.model import JointVocab
     from videobert.tracking import MetricsLogger, use_tracking_uri
-    from videobert.training_examples import ExampleBuilder
 
     config: ExperimentConfig = loop_config["config"]
     train = config.train
@@ -60,7 +81,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     micro = training.micro_batch_size(train, world)
     batches = training.replayed_batches(
         lambda: shard.iter_batches(batch_size=micro, batch_format="numpy"),
-        ExampleBuilder(vocab, config.model.max_seq_len, config.examples).batch,
+        example_builder(config, vocab, loop_config.get("features_root")),
         # Seeded by where this attempt starts, so a resumed run does not replay the same batches.
         seed=(train.seed, rank, start_step),
         keep_rows=train.cache_shard_rows,
@@ -142,7 +163,7 @@ def run(
     init_ray()
     fs, _ = storage.filesystem(tokens.tokens_uri, config.s3)
     paths = [storage.filesystem(f.uri, config.s3)[1] for f in tokens.files]
-    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=TOKEN_COLUMNS)
+    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=token_columns(config))
     fraction = config.evaluate.holdout_fraction
     if fraction > 0:  # the videos evaluate holds out never reach training
         dataset = dataset.filter(lambda row: not in_holdout(row["video_id"], fraction))
@@ -160,6 +181,8 @@ def run(
             "init_model_uri": init_model_uri,
             "codebook_version": tokens.codebook.version,
             "on_step": on_step,
+            # Absolute: a Ray Train worker runs in another directory than the driver.
+            "features_root": config.output if "://" in config.output else os.path.abspath(config.output),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=config.train.workers,

@@ -400,3 +400,53 @@ def test_model_inputs_store_file_weights_and_check_the_encoder(world: World, tmp
     tampered = dataclasses.replace(inputs, encoder={**inputs.encoder, "state_sha256": "0" * 64})
     with pytest.raises(ValueError, match="not the registered"):
         tampered.video_embedder(world.champion, world.vocab, MAX_SEQ_LEN)
+
+
+def test_registered_features_model_predicts_on_raw_video(world: World) -> None:
+    """A `model.video_input: features` version (CBT) says so (metadata, tag, card) and its video
+    interface feeds the S3D features it computes, not only their words, to the model."""
+    use_tracking_uri(world.config.mlflow.tracking_uri)
+    model = build_model("debug", world.vocab, max_positions=16, seed=3, video_input="features").eval()
+    champion = resolve_model_version("models:/videobert/1").metadata
+    metadata = {k: champion[k] for k in ("codebook_uri", "codebook_version", "max_seq_len")}
+    run_id, _ = start_or_resume_run(world.config, "embed-test-features")
+    version = log_and_register_model(run_id, model, world.vocab, metadata, world.config, "videobert-cbt")
+    info = resolve_model_version(f"models:/videobert-cbt/{version}")
+    assert info.metadata["video_input"] == "features" and info.config.video_input == "features"
+    card = mlflow.MlflowClient().get_model_version("videobert-cbt", version).description
+    assert "`features`" in card
+    out = mlflow.pyfunc.load_model(f"models:/videobert-cbt/{version}").predict(
+        pd.DataFrame({"video": [str(world.source / "video0.mp4")]})
+    )
+    assert out["error"][0] is None, out["error"][0]
+    features = world.features["video0.mp4"]
+    words = world.codebook.assign(features)
+    expected = embed_videos(model, world.vocab, [words], MAX_SEQ_LEN, features=[features]).embedding[0]
+    np.testing.assert_allclose(out["embedding"][0], expected, atol=1e-4)
+
+
+def test_embed_stage_with_a_features_model(ray_cluster, world: World) -> None:
+    """`videobert embed` with a `video_input: features` version: decoded videos keep their S3D
+    features for the model, reused ones (new.mp4, when the rerun test planted it) read them
+    from extract's file; each embedding is the model's over words and features."""
+    use_tracking_uri(world.config.mlflow.tracking_uri)
+    model = build_model("debug", world.vocab, max_positions=16, seed=4, video_input="features").eval()
+    champion = resolve_model_version("models:/videobert/1").metadata
+    metadata = {k: champion[k] for k in ("codebook_uri", "codebook_version", "max_seq_len")}
+    run_id, _ = start_or_resume_run(world.config, "embed-test-features-stage")
+    version = log_and_register_model(
+        run_id, model, world.vocab, metadata, world.config, "videobert-cbt-embed"
+    )
+    embed_settings = dataclasses.replace(
+        world.config.embed, model_uri=f"models:/videobert-cbt-embed/{version}"
+    )
+    summary = embed.run(dataclasses.replace(world.config, embed=embed_settings))
+    assert summary.ok >= 3 and summary.error == 1
+    rows = by_name(tables.read_embeddings(summary.directory))
+    planted = {"new.mp4": "video1.mp4"}  # see test_embed_champion_then_incremental_reruns
+    for name, row in rows.items():
+        features = world.features[planted.get(name, name.removeprefix("copy_of_"))]
+        words = world.codebook.assign(features)
+        assert row["visual_words"] == words.tolist()
+        expected = embed_videos(model, world.vocab, [words], MAX_SEQ_LEN, features=[features]).embedding[0]
+        np.testing.assert_allclose(row["embedding"], expected, atol=1e-4)

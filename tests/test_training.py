@@ -23,13 +23,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rank_main(rank: int, port: int, results: dict) -> None:
+def rank_main(rank: int, port: int, results: dict, zero_stage: int = 2, video_input: str = "tokens") -> None:
     import os
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank))
     os.environ.update(LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
     import torch
 
+    from tests.token_corpus import row_features
     from videobert import training
     from videobert.config import TrainConfig
     from videobert.model import JointVocab, build_model
@@ -38,28 +39,37 @@ def rank_main(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)
     training.init_distributed(use_gpu=False)
     vocab = JointVocab(TEXT_VOCAB, NUM_VISUAL)
-    train = TrainConfig(steps=2, workers=WORLD, zero_stage=2, batch_size=8 * WORLD, precision="fp32")
-    engine = training.build_engine(build_model("debug", vocab, max_positions=64), train, WORLD)
-    columns = token_table(num_videos=2, segments=4, seed=rank).to_pydict()
+    train = TrainConfig(steps=2, workers=WORLD, zero_stage=zero_stage, batch_size=8 * WORLD, precision="fp32")
+    model = build_model("debug", vocab, max_positions=64, video_input=video_input)
+    engine = training.build_engine(model, train, WORLD)
+    table = token_table(num_videos=2, segments=4, seed=rank)
+    columns = table.to_pydict()
+    if video_input != "tokens":  # each row's clip features, as FeatureJoiner reads them
+        columns["video_features"] = row_features(table)
     if rank == 0:  # narration-less footage: only video-only examples, so no text+video pair
         columns["text_ids"] = [[] for _ in columns["text_ids"]]
-    builder = ExampleBuilder(vocab, max_len=64)
+    builder = ExampleBuilder(vocab, max_len=64, video_input=video_input)
     rng = np.random.default_rng(rank)
     losses = []
     for _ in range(2):
         batch = builder.batch(columns, rng)
         assert (len(batch["align_labels"]) == 0) == (rank == 0)
-        losses.append(training.train_step(engine, [batch]).metrics["loss"])
+        metrics = training.train_step(engine, [batch]).metrics
+        assert ("nce_loss" in metrics) == (video_input != "tokens")
+        losses.append(metrics["loss"])
     results[rank] = losses
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
 
 
-def test_ranks_with_and_without_alignment_pairs_step_together_under_zero2() -> None:
+@pytest.mark.parametrize(("zero_stage", "video_input"), [(2, "tokens"), (3, "features")])
+def test_ranks_with_and_without_alignment_pairs_step_together_under_zero(zero_stage, video_input) -> None:
     """A rank whose micro-batch has no text+video pair must still hand DeepSpeed a gradient for
-    the alignment head: otherwise the two ranks' ZeRO gradient buckets differ and gloo aborts."""
+    the alignment head: otherwise the two ranks' ZeRO gradient buckets differ and gloo aborts.
+    The `features` case (CBT's continuous video input, InfoNCE on masked clips) under ZeRO-3:
+    the feature projection and contrastive head are sharded and stepped like the rest."""
     results = mp.Manager().dict()
-    mp.spawn(rank_main, args=(free_port(), results), nprocs=WORLD, join=True)
+    mp.spawn(rank_main, args=(free_port(), results, zero_stage, video_input), nprocs=WORLD, join=True)
     assert sorted(results.keys()) == [0, 1]
     assert all(np.isfinite(results[rank]).all() for rank in range(WORLD))
 

@@ -47,6 +47,62 @@ def token_table(
     return pa.table(rows, schema=TOKENS_SCHEMA)
 
 
+def clip_features(table: pa.Table, dim: int = 1024, seed: int = 0) -> dict[str, pa.Table]:
+    """Features tables (extract's FEATURES schema) that fit `table`'s token rows: each segment's
+    video tokens become clips spread evenly over its [start_s, end_s), and a clip's feature is
+    its visual word's fixed random vector plus noise (so features carry the word)."""
+    rng = np.random.default_rng(seed)
+    words = rng.standard_normal((NUM_VISUAL, dim)).astype(np.float32)
+    out: dict[str, dict[str, list]] = {}
+    for vid, start, end, tokens in zip(
+        table["video_id"].to_pylist(),
+        table["start_s"].to_pylist(),
+        table["end_s"].to_pylist(),
+        table["video_tokens"].to_pylist(),
+        strict=True,
+    ):
+        cols = out.setdefault(
+            vid, {"video_id": [], "clip_index": [], "start_s": [], "end_s": [], "feature": []}
+        )
+        edges = np.linspace(start, end, len(tokens) + 1)
+        for n, word in enumerate(tokens):
+            cols["video_id"].append(vid)
+            cols["clip_index"].append(len(cols["clip_index"]))
+            cols["start_s"].append(float(edges[n]))
+            cols["end_s"].append(float(edges[n + 1]))
+            feature = words[word] + 0.3 * rng.standard_normal(dim).astype(np.float32)
+            cols["feature"].append(feature.astype(np.float16))
+    return {vid: features_table_of(cols) for vid, cols in out.items()}
+
+
+def features_table_of(cols: dict[str, list]) -> pa.Table:
+    feats = np.stack(cols.pop("feature")).astype(np.float16)
+    feature = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), feats.shape[1])
+    return pa.table({**cols, "feature": feature})
+
+
+def row_features(table: pa.Table) -> list[np.ndarray]:
+    """Each token row's clip features (`clip_features`), joined as FeatureJoiner joins them."""
+    from videobert.token_shards import segment_clip_rows
+
+    tables = clip_features(table)
+    out = []
+    for vid, start, end in zip(
+        table["video_id"].to_pylist(), table["start_s"].to_pylist(), table["end_s"].to_pylist(), strict=True
+    ):
+        clips = tables[vid]
+        starts, ends = clips["start_s"].to_numpy(), clips["end_s"].to_numpy()
+        feats = np.stack(clips["feature"].to_numpy(zero_copy_only=False))
+        out.append(feats[segment_clip_rows(starts, ends, start, end)])
+    return out
+
+
+def write_features(output: str, table: pa.Table) -> None:
+    """`clip_features(table)` as extract's features/<video_id>.parquet under `output`."""
+    for vid, features in clip_features(table).items():
+        storage.write_parquet(features, Layout(output).features_file(vid))
+
+
 def vocab_uri(output: str) -> str:
     """The corpus's vocab file: a config selects the corpus's tokenizer with `text.vocab=` it."""
     return storage.join(output, "corpus-vocab.txt")

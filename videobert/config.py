@@ -352,11 +352,20 @@ class ModelConfig:
     """BERT checkpoint (path or Hugging Face name) for the Transformer and text embeddings."""
     max_seq_len: int = 512
     """Longest input sequence, in tokens."""
+    video_input: str = "tokens"
+    """What a video position takes in: `tokens` (visual-word embeddings, the paper), `features`
+    (the clip's S3D feature through a projection, masked positions trained with InfoNCE against
+    the batch's other masked clips: CBT, arXiv:1906.05743) or `both` (visual word + projected
+    feature; cross-entropy and InfoNCE)."""
 
     # Shortest sequence worth building: [CLS], a few tokens of each modality, [SEP]s.
     min_seq_len: ClassVar[int] = 8
 
     def __post_init__(self) -> None:
+        if self.video_input not in ("tokens", "features", "both"):
+            raise ConfigError(
+                f"model.video_input must be one of tokens, features, both, got {self.video_input!r}"
+            )
         if self.size not in MODEL_SIZES:
             raise ConfigError(f"model.size: unknown size {self.size!r} (known: {', '.join(MODEL_SIZES)})")
         if self.max_seq_len < self.min_seq_len:

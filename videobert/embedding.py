@@ -64,19 +64,38 @@ def pooled_embeddings(
     videos: Sequence[np.ndarray],
     max_len: int,
     chunks_per_pass: int = 64,
+    features: Sequence[np.ndarray] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(embedding [N, H], cls_embedding [N, H], chunks [N]) of each video (its codebook ids in
     clip order), float64 on the model's device (see the module doc). Differentiable: classification
-    fine-tuning (videobert/classification.py) trains through it; `embed_videos` runs it without grad."""
+    fine-tuning (videobert/classification.py) trains through it; `embed_videos` runs it without grad.
+    A model that takes clip features (`video_input` features / both) needs `features`: each
+    video's [clips, dim] features, in clip order like its words."""
     if max_len > model.config.max_positions:
         raise ValueError(f"max_len {max_len} exceeds the model's max_positions {model.config.max_positions}")
+    takes_features = model.config.takes_features
+    if takes_features and features is None:
+        raise ValueError(
+            f"the model takes clip features (video_input {model.config.video_input!r}): pass them"
+        )
     no_text = np.empty(0, np.int64)
-    chunks: list[tuple[int, np.ndarray, np.ndarray]] = []  # (video, ids, token types)
+    # (video, ids, token types, clip features of the chunk or None)
+    chunks: list[tuple[int, np.ndarray, np.ndarray, np.ndarray | None]] = []
     for video, words in enumerate(videos):
         if len(words) and not 0 <= int(np.min(words)) <= int(np.max(words)) < vocab.num_visual:
             raise ValueError(f"visual word outside the model's {vocab.num_visual} words")
+        clip_features = None
+        if takes_features:
+            clip_features = np.asarray(features[video], np.float32)
+            if len(clip_features) != len(words):
+                raise ValueError(
+                    f"video {video}: {len(words)} visual words but {len(clip_features)} clip features"
+                )
+        start = 0
         for chunk in chunk_words(words, max_len):
-            chunks.append((video, *build_sequence(vocab, VIDEO, no_text, chunk, max_len)))
+            part = None if clip_features is None else clip_features[start : start + len(chunk)]
+            start += len(chunk)
+            chunks.append((video, *build_sequence(vocab, VIDEO, no_text, chunk, max_len), part))
     device = next(model.parameters()).device
     hidden_size = model.config.hidden
     token_sums = torch.zeros(len(videos), hidden_size, dtype=torch.float64, device=device)
@@ -86,23 +105,33 @@ def pooled_embeddings(
     order = sorted(range(len(chunks)), key=lambda i: len(chunks[i][1]))  # less padding per pass
     for start in range(0, len(order), chunks_per_pass):
         part = [chunks[i] for i in order[start : start + chunks_per_pass]]
-        lengths = [len(ids) for _, ids, _ in part]
+        lengths = [len(ids) for _, ids, _, _ in part]
         width = max(lengths)
         ids = np.zeros((len(part), width), np.int64)
         types = np.zeros_like(ids)
         seq_ids = np.zeros_like(ids)  # 1 = real token, 0 = padding
         video_tokens = np.zeros((len(part), width), np.float64)  # 1 between [CLS] and [SEP]
-        for row, (_, chunk_ids, chunk_types) in enumerate(part):
+        feature_positions, feature_rows = [], []
+        for row, (_, chunk_ids, chunk_types, chunk_features) in enumerate(part):
             n = len(chunk_ids)
             ids[row, :n], types[row, :n], seq_ids[row, :n] = chunk_ids, chunk_types, 1
             video_tokens[row, 1 : n - 1] = 1.0
+            if chunk_features is not None:  # the clips sit between [CLS] and [SEP]
+                feature_positions.append(row * width + 1 + np.arange(n - 2))
+                feature_rows.append(chunk_features)
+        inputs = {}
+        if takes_features:
+            inputs = {
+                "feature_positions": torch.as_tensor(np.concatenate(feature_positions), device=device),
+                "features": torch.as_tensor(np.concatenate(feature_rows), device=device),
+            }
         # No padding in this pass: no mask, which lets SDPA take its fastest kernel.
         mask = None if min(lengths) == width else torch.as_tensor(seq_ids, device=device)
         hidden = model.encode(
-            torch.as_tensor(ids, device=device), torch.as_tensor(types, device=device), seq_ids=mask
+            torch.as_tensor(ids, device=device), torch.as_tensor(types, device=device), seq_ids=mask, **inputs
         ).double()  # [R, T, H]
         weights = torch.as_tensor(video_tokens, device=device)  # [R, T]
-        owner = torch.as_tensor([video for video, _, _ in part], device=device)  # [R]
+        owner = torch.as_tensor([video for video, _, _, _ in part], device=device)  # [R]
         # Out of place (index_add, not index_add_): autograd keeps every pass's contribution.
         token_sums = token_sums.index_add(
             0, owner, (hidden * weights.unsqueeze(-1)).sum(1)
@@ -120,9 +149,13 @@ def embed_videos(
     videos: Sequence[np.ndarray],
     max_len: int,
     chunks_per_pass: int = 64,
+    features: Sequence[np.ndarray] | None = None,
 ) -> VideoEmbeddings:
-    """Embed each video (its codebook ids in clip order) with `model` (see the module doc)."""
-    embedding, cls_embedding, num_chunks = pooled_embeddings(model, vocab, videos, max_len, chunks_per_pass)
+    """Embed each video (its codebook ids in clip order, and its clip features when the model
+    takes them) with `model` (see the module doc)."""
+    embedding, cls_embedding, num_chunks = pooled_embeddings(
+        model, vocab, videos, max_len, chunks_per_pass, features
+    )
     return VideoEmbeddings(
         embedding=embedding.float().cpu().numpy(),
         cls_embedding=cls_embedding.float().cpu().numpy(),
@@ -160,6 +193,7 @@ def embedding_rows(
     ids: Sequence[str],
     words: dict[str, np.ndarray],
     errors: dict[str, str],
+    features: dict[str, np.ndarray] | None = None,
 ) -> list[dict[str, Any]]:
     """One EMBED_RESULT_SCHEMA row per id, in order: the embedding of its `words`, or its error
     (from `errors`; a failed forward pass, e.g. out of memory, marks every video it held)."""
@@ -168,7 +202,8 @@ def embedding_rows(
     embedded: dict[str, tuple[np.ndarray, np.ndarray, int]] = {}
     try:
         if good:
-            result = embed_videos(model, vocab, [words[v] for v in good], max_len)
+            clip_features = None if features is None else [features[v] for v in good]
+            result = embed_videos(model, vocab, [words[v] for v in good], max_len, features=clip_features)
             for i, vid in enumerate(good):
                 embedded[vid] = (result.embedding[i], result.cls_embedding[i], int(result.num_chunks[i]))
     except Exception as error:  # recorded as the videos' errors, never raised
@@ -206,8 +241,13 @@ class VideoEmbedder:
         self.max_len = embedding_max_len(model, meta)
         self.codebook_uri, self.s3 = codebook_uri, s3
         self.codebook = None  # loaded on first use: only reused features need it here
+        self.takes_features = model.config.takes_features
 
     def words_from_features(self, features_uri: str) -> np.ndarray:
+        return self.words_and_features(features_uri)[0]
+
+    def words_and_features(self, features_uri: str) -> tuple[np.ndarray, np.ndarray]:
+        """A features file's visual words (the model's codebook) and its features, by clip_index."""
         from videobert.codebook import HierarchicalCodebook, default_device
         from videobert.token_shards import features_array
 
@@ -216,26 +256,36 @@ class VideoEmbedder:
         table = storage.read_parquet(features_uri, self.s3).sort_by("clip_index")
         if table.num_rows == 0:
             raise ValueError("features file has no clips")
-        return self.codebook.assign(features_array(table))
+        clip_features = features_array(table)
+        return self.codebook.assign(clip_features), clip_features
 
     def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
         ids = [str(v) for v in batch["video_id"]]
         words: dict[str, np.ndarray] = {}
         errors: dict[str, str] = {}
-        for vid, video_words, features_uri in zip(
-            ids, batch["visual_words"], batch["features_uri"], strict=True
+        features: dict[str, np.ndarray] | None = {} if self.takes_features else None
+        carried = batch.get("features")  # decoded videos' features, for a model that takes them
+        for n, (vid, video_words, features_uri) in enumerate(
+            zip(ids, batch["visual_words"], batch["features_uri"], strict=True)
         ):
             try:
                 if features_uri:
-                    words[vid] = self.words_from_features(str(features_uri))
+                    words[vid], clip_features = self.words_and_features(str(features_uri))
                 else:
                     words[vid] = np.asarray(video_words, np.int64)
+                    clip_features = None
+                    if features is not None:
+                        if carried is None:
+                            raise ValueError("the model takes clip features; none came with the video")
+                        clip_features = np.asarray(carried[n], np.float16).reshape(len(words[vid]), -1)
+                if features is not None:
+                    features[vid] = clip_features
             except Exception as error:  # recorded as the video's error row, never raised
                 errors[vid] = (
                     f"features: cannot reuse {features_uri}: {type(error).__name__}: {error} "
                     "(rerun with embed.reuse_features=false to decode the video instead)"
                 )
-        rows = embedding_rows(self.model, self.vocab, self.max_len, ids, words, errors)
+        rows = embedding_rows(self.model, self.vocab, self.max_len, ids, words, errors, features)
         return pa.Table.from_pylist(rows, schema=EMBED_RESULT_SCHEMA)
 
 
@@ -258,7 +308,8 @@ class VideoFileEmbedder:
 
         self.model, self.vocab, self.max_len = model, vocab, max_len
         self.decode, self.s3, self.clips_per_batch = decode, s3, encoder.clips_per_batch
-        self.words = ClipWords(encoder, decode, s3, codebook_uri)
+        self.takes_features = model.config.takes_features
+        self.words = ClipWords(encoder, decode, s3, codebook_uri, keep_features=self.takes_features)
 
     def __call__(self, videos: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """`videos`: dicts with `video_id`, `source_uri` and, optionally, a window `start_s` /
@@ -267,13 +318,16 @@ class VideoFileEmbedder:
 
         words: dict[str, np.ndarray] = {}
         errors: dict[str, str] = {}
+        features: dict[str, np.ndarray] | None = {} if self.takes_features else None
         for video in decoded_videos_here(videos, self.decode, self.s3, self.words, self.clips_per_batch):
             if video.error:
                 errors[video.video_id] = video.error
             else:
                 words[video.video_id] = video.visual_words()
+                if features is not None:
+                    features[video.video_id] = video.clip_features()
         ids = [v["video_id"] for v in videos]
-        return embedding_rows(self.model, self.vocab, self.max_len, ids, words, errors)
+        return embedding_rows(self.model, self.vocab, self.max_len, ids, words, errors, features)
 
 
 def check_compatible(model: ModelVersionInfo, codebook_meta: dict[str, Any], encoder: str) -> None:

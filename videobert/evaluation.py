@@ -37,7 +37,16 @@ from videobert.metrics import (
 from videobert.model import CLS, MASK, SEP, TEXT_TYPE, VIDEO_SEP, VIDEO_TYPE, JointVocab, VideoBert
 from videobert.tables import Layout, read_manifest, upsert_manifest, video_id
 from videobert.training import forward, to_device
-from videobert.training_examples import IGNORE, JOINT, Example, ExampleBuilder, build_sequence, pack
+from videobert.training_examples import (
+    IGNORE,
+    JOINT,
+    Example,
+    ExampleBuilder,
+    FeaturePool,
+    build_sequence,
+    pack,
+    video_feature_rows,
+)
 from videobert.videos import is_up_to_date, relinked_rows, rows_by_video, videos_to_do
 
 ZERO_SHOT_PREFIX = "now let me show you how to"
@@ -52,18 +61,43 @@ def in_holdout(video_id: str, fraction: float) -> bool:
 
 
 def joint_example(
-    vocab: JointVocab, text_ids: Sequence[int], video_tokens: Sequence[int], max_len: int
+    vocab: JointVocab,
+    text_ids: Sequence[int],
+    video_tokens: Sequence[int],
+    max_len: int,
+    feature_rows: np.ndarray | None = None,
 ) -> Example:
-    """Unmasked `[CLS] text [>] video [SEP]` (text keeps at most half when both are long)."""
+    """Unmasked `[CLS] text [>] video [SEP]` (text keeps at most half when both are long).
+
+    `feature_rows`: the video's clips in a FeaturePool, for a model that takes features."""
     text = np.asarray(text_ids, np.int64)
     video = np.asarray(video_tokens, np.int64)
     ids, types = build_sequence(vocab, JOINT, text, video, max_len)
-    return Example(ids, types, np.full(len(ids), IGNORE, np.int64), JOINT, 1, 1)
+    rows = None if feature_rows is None else video_feature_rows(vocab, ids, feature_rows)
+    return Example(ids, types, np.full(len(ids), IGNORE, np.int64), JOINT, 1, 1, rows)
+
+
+def feature_inputs(
+    vocab: JointVocab, ids: np.ndarray, features: np.ndarray | None, device: Any
+) -> dict[str, torch.Tensor]:
+    """`feature_positions` / `features` for one unpacked row of ids (batch of 1): the clip
+    features in order at the video positions; nothing for a model without features."""
+    if features is None:
+        return {}
+    video_at = np.flatnonzero(vocab.is_video(ids))
+    return {
+        "feature_positions": torch.as_tensor(video_at, device=device),
+        "features": torch.as_tensor(np.asarray(features[: len(video_at)], np.float32), device=device),
+    }
 
 
 @torch.no_grad()
 def _alignment_scores(
-    model: VideoBert, examples: list[Example], max_len: int, chunk: int = 256
+    model: VideoBert,
+    examples: list[Example],
+    max_len: int,
+    chunk: int = 256,
+    pool: FeaturePool | None = None,
 ) -> np.ndarray:
     """Alignment logit of every (joint) example, in order."""
     scores = np.empty(len(examples), np.float32)
@@ -72,7 +106,7 @@ def _alignment_scores(
         # Tag each example so its [CLS] can be found after packing reorders them.
         for i, ex in enumerate(part):
             ex.aligned = i
-        batch = pack(part, max_len)
+        batch = pack(part, max_len, pool=pool)
         device = next(model.parameters()).device
         out = forward(model, to_device(batch, device))
         logits = out["alignment_logits"].float().cpu().numpy()
@@ -83,7 +117,8 @@ def _alignment_scores(
 
 @dataclass
 class HeldOut:
-    """Held-out token rows as columns (video_id, segment_index, text_ids, video_tokens)."""
+    """Held-out token rows as columns (video_id, segment_index, text_ids, video_tokens, and
+    video_features when the model takes clip features)."""
 
     columns: dict[str, list]
 
@@ -97,9 +132,11 @@ def mlm_metrics(
     model: VideoBert, vocab: JointVocab, rows: HeldOut, max_len: int, seed: int = 0
 ) -> dict[str, float]:
     """Masked-token accuracy on text and on video tokens (every regime, fixed seed)."""
-    builder = ExampleBuilder(vocab, max_len, ExamplesConfig(concat_prob=0.0, max_subsample=1))
+    builder = ExampleBuilder(
+        vocab, max_len, ExamplesConfig(concat_prob=0.0, max_subsample=1), model.config.video_input
+    )
     rng = np.random.default_rng(seed)
-    counts = {"text": [0, 0], "video": [0, 0]}
+    counts = {"text": [0, 0], "video": [0, 0], "video_nce": [0, 0]}
     device = next(model.parameters()).device
     chunk = 128
     for start in range(0, rows.num_rows, chunk):
@@ -111,10 +148,21 @@ def mlm_metrics(
         for name, selected in (("text", ~batch["mlm_is_video"]), ("video", batch["mlm_is_video"])):
             counts[name][0] += int(hits[selected].sum())
             counts[name][1] += int(selected.sum())
-    return {
+        if "nce_predicted" in out and len(out["nce_predicted"]):
+            # Masked clip -> which of the chunk's masked clips? (CBT's video objective)
+            pred = torch.nn.functional.normalize(out["nce_predicted"].float(), dim=-1)
+            target = torch.nn.functional.normalize(out["nce_targets"].float(), dim=-1)
+            ids = torch.as_tensor(batch["nce_clip_ids"], device=pred.device)
+            counts["video_nce"][0] += int((ids[(pred @ target.T).argmax(-1)] == ids).sum())
+            counts["video_nce"][1] += len(ids)
+    nce_hits, nce_total = counts.pop("video_nce")
+    metrics = {
         f"{name}_mlm_accuracy": (hit / total if total else float("nan"))
         for name, (hit, total) in counts.items()
     }
+    if nce_total:  # a model that takes clip features: masked clip picked out among the chunk's
+        metrics["video_nce_accuracy"] = nce_hits / nce_total
+    return metrics
 
 
 def cross_modal_eval(
@@ -140,12 +188,18 @@ def cross_modal_eval(
     videos = [cols["video_id"][i] for i in usable]
     if len(usable) < 2 or len(set(videos)) < 2:
         return {}, {}
+    pool, rows_of = None, [None] * len(usable)
+    if model.config.takes_features:
+        clip_features = [cols["video_features"][j] for j in usable]
+        pool = FeaturePool([np.asarray(f, np.float32) for f in clip_features])
+        starts = np.cumsum([0] + [len(f) for f in clip_features])
+        rows_of = [np.arange(starts[n], starts[n + 1]) for n in range(len(usable))]
     examples = [
-        joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][j], max_len)
+        joint_example(vocab, cols["text_ids"][i], cols["video_tokens"][j], max_len, rows_of[n])
         for i in usable
-        for j in usable
+        for n, j in enumerate(usable)
     ]
-    scores = _alignment_scores(model, examples, max_len).reshape(len(usable), len(usable))
+    scores = _alignment_scores(model, examples, max_len, pool=pool).reshape(len(usable), len(usable))
     named_usable = None if named is None else [bool(named[i]) for i in usable]
     metrics = cross_modal_metrics(scores, videos, named_usable)
     same_video = np.asarray(videos)[:, None] == np.asarray(videos)[None, :]
@@ -172,6 +226,7 @@ class ZeroShotItem:
     video_tokens: list[int]
     verb: str
     object: str
+    features: np.ndarray | None = None  # [clips, dim], for a model that takes clip features
 
 
 @torch.no_grad()
@@ -212,7 +267,12 @@ def zero_shot(
         input_ids = torch.as_tensor(ids, device=device)[None]  # [T] -> [1, T]
         token_types = torch.as_tensor(types.astype(np.int64), device=device)[None]
         positions = torch.as_tensor([verb_mask_at, object_mask_at], device=device)
-        logits = model(input_ids, token_types, mlm_positions=positions)["mlm_logits"].float().cpu().numpy()
+        if model.config.takes_features and item.features is None:
+            raise ValueError(f"{item.video_id}: the model takes clip features but the item has none")
+        clip_features = item.features if model.config.takes_features else None
+        inputs = feature_inputs(vocab, ids, clip_features, device)
+        out = model(input_ids, token_types, mlm_positions=positions, **inputs)
+        logits = out["mlm_logits"].float().cpu().numpy()
         verb_scores[n] = logits[0, verb_ids]
         object_scores[n] = logits[1, object_ids]
     verb_targets = np.asarray([verbs.index(item.verb) for item in items])
@@ -237,9 +297,15 @@ def zero_shot(
     return metrics, details
 
 
-def rows_to_columns(table: pa.Table) -> HeldOut:
-    """Token rows (TOKENS_SCHEMA) -> the columns the example builder reads."""
-    columns = table.select(["video_id", "segment_index", "text_ids", "video_tokens"]).to_pydict()
+def rows_to_columns(table: pa.Table, joiner: Any = None) -> HeldOut:
+    """Token rows (TOKENS_SCHEMA) -> the columns the example builder reads; with a
+    `token_shards.FeatureJoiner`, their clips' features too (`video_features`)."""
+    names = ["video_id", "segment_index", "text_ids", "video_tokens"]
+    if joiner is None:
+        return HeldOut(table.select(names).to_pydict())
+    columns = table.select([*names, "start_s", "end_s"]).to_pydict()
+    columns = joiner(columns)
+    columns.pop("start_s"), columns.pop("end_s")
     return HeldOut(columns)
 
 
@@ -439,10 +505,18 @@ def unreadable_labelled_videos(
     return dict(sorted(unreadable.items()))
 
 
-def zero_shot_items(labels: pa.Table, tokens: pa.Table) -> tuple[list[ZeroShotItem], dict[str, str]]:
+def zero_shot_items(
+    labels: pa.Table, tokens: pa.Table, joiner: Any = None
+) -> tuple[list[ZeroShotItem], dict[str, str]]:
     """Every labelled video with token rows in `tokens`, with all its visual words in segment
-    order; and source_uri -> why for each labelled video that has none."""
+    order (and their clip features, with a `token_shards.FeatureJoiner`); and source_uri -> why
+    for each labelled video that has none."""
     words_of: dict[str, list[int]] = {}
+    features_of: dict[str, list[np.ndarray]] = {}
+    if joiner is not None:
+        joined = joiner(tokens.select(["video_id", "start_s", "end_s", "video_tokens"]).to_pydict())
+        for vid, feats in zip(joined["video_id"], joined["video_features"], strict=True):
+            features_of.setdefault(vid, []).append(feats)
     for vid, segment in zip(tokens["video_id"].to_pylist(), tokens["video_tokens"].to_pylist(), strict=True):
         words_of.setdefault(vid, []).extend(segment)
     items, unscored = [], {}
@@ -451,7 +525,8 @@ def zero_shot_items(labels: pa.Table, tokens: pa.Table) -> tuple[list[ZeroShotIt
         vid = video_id(uri)
         words = words_of.get(vid)
         if words:
-            items.append(ZeroShotItem(vid, words, str(row["verb"]), str(row["object"])))
+            feats = np.concatenate(features_of[vid]) if joiner is not None else None
+            items.append(ZeroShotItem(vid, words, str(row["verb"]), str(row["object"]), feats))
         else:
             unscored[uri] = "no visual words (not extracted or not tokenized)"
     return items, unscored
@@ -468,7 +543,7 @@ def evaluate_model(
 
     from videobert.registry import load_registered_model
     from videobert.text_tokenizer import TextTokenizer
-    from videobert.token_shards import read_tokens
+    from videobert.token_shards import FeatureJoiner, read_tokens
     from videobert.tracking import tracking_uri, use_tracking_uri
 
     use_tracking_uri(tracking_uri(config))  # this may run in a Ray worker process
@@ -483,23 +558,31 @@ def evaluate_model(
     items: list[ZeroShotItem] = []
     unscored: dict[str, str] = {}
     label_words: set[str] = set()
+    takes_features = model.config.takes_features
+    # A model that takes clip features reads them from extract's tables of each set.
+    tokens_joiner = FeatureJoiner(config.output, config.s3) if takes_features else None
+    labelled_joiner = FeatureJoiner(evalset_root(config), config.s3) if takes_features else None
+    labelled = None
     if config.evaluate.labels:
         labels_table = read_labels(config.evaluate.labels, config)
         labelled = read_tokens(evalset_root(config), codebook_version, tokenizer_version, config.s3)
-        items, unscored = zero_shot_items(labels_table, labelled)
+        items, unscored = zero_shot_items(labels_table, labelled, labelled_joiner)
         scored = {item.video_id for item in items}
         label_words = {word.lower() for item in items for word in (item.verb, item.object)}
         # The labelled videos are never trained on either: they join the hash hold-out for
         # MLM, alignment and retrieval (more held-out pairs, steadier figures).
         labelled = labelled.filter(pa.array([v in scored for v in labelled["video_id"].to_pylist()]))
-        holdout = pa.concat_tables([holdout.select(labelled.schema.names), labelled])
     if holdout.num_rows == 0 and not items:
         raise ConfigError(
             f"no held-out token rows (evaluate.holdout_fraction={config.evaluate.holdout_fraction}, "
             f"{tokens.num_rows} rows in all) and no labelled video to score (evaluate.labels="
             f"{config.evaluate.labels}): raise the fraction, add videos or set evaluate.labels"
         )
-    rows: HeldOut = rows_to_columns(holdout)
+    rows: HeldOut = rows_to_columns(holdout, tokens_joiner)
+    if labelled is not None:
+        more = rows_to_columns(labelled, labelled_joiner)
+        rows = HeldOut({k: list(v) + list(more.columns[k]) for k, v in rows.columns.items()})
+        holdout = pa.concat_tables([holdout.select(labelled.schema.names), labelled])
     named = [names_a_label(str(text or ""), label_words) for text in holdout["text"].to_pylist()]
     metrics: dict[str, float] = {"heldout_segments": float(rows.num_rows)}
     metrics |= mlm_metrics(model, vocab, rows, max_len, seed=config.train.seed)

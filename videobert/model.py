@@ -35,6 +35,7 @@ from videobert.model_sizes import MODEL_SIZES
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[>]"]
 PAD, UNK, CLS, SEP, MASK, VIDEO_SEP = range(len(SPECIAL_TOKENS))
 TEXT_TYPE, VIDEO_TYPE = 0, 1
+VIDEO_INPUTS = ("tokens", "features", "both")
 
 
 class JointVocab:
@@ -112,10 +113,29 @@ class VideoBertConfig:
     """LayerNorm epsilon (BERT's value)."""
     init_std: float = 0.02
     """Std of the normal initialisation."""
+    video_input: str = "tokens"
+    """What a video position takes in: `tokens` (visual-word embeddings, the paper), `features`
+    (a projection of the clip's feature, CBT) or `both` (their sum)."""
+    feature_dim: int = 1024
+    """Size of a clip feature (S3D: 1024); used when video_input is not `tokens`."""
+    nce_temperature: float = 0.1
+    """Temperature of the InfoNCE loss on masked video positions (features, both)."""
 
     def __post_init__(self) -> None:
         if self.hidden % self.heads:
             raise ValueError(f"hidden {self.hidden} must be divisible by heads {self.heads}")
+        if self.video_input not in VIDEO_INPUTS:
+            raise ValueError(
+                f"video_input must be one of {', '.join(VIDEO_INPUTS)}, not {self.video_input!r}"
+            )
+
+    @property
+    def takes_features(self) -> bool:
+        return self.video_input != "tokens"
+
+    @property
+    def takes_words(self) -> bool:
+        return self.video_input != "features"
 
     @classmethod
     def from_size(
@@ -145,6 +165,53 @@ class Embeddings(nn.Module):
         x = self.word_embeddings(input_ids) + self.position_embeddings(position_ids)
         x = x + self.token_type_embeddings(token_type_ids)
         return self.dropout(self.LayerNorm(x))
+
+
+class FeatureProjection(nn.Module):
+    """Clip feature -> hidden (CBT's continuous video input): LayerNorm, then Linear."""
+
+    def __init__(self, config: VideoBertConfig) -> None:
+        super().__init__()
+        self.LayerNorm = nn.LayerNorm(config.feature_dim, eps=1e-5)
+        self.dense = nn.Linear(config.feature_dim, config.hidden)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.LayerNorm(features))
+
+
+class ContrastiveHead(nn.Module):
+    """Hidden state at a masked video position -> the space of projected clip features."""
+
+    def __init__(self, config: VideoBertConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden, config.hidden)
+        self.LayerNorm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
+        self.decoder = nn.Linear(config.hidden, config.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.LayerNorm(F.gelu(self.dense(x))))
+
+
+def info_nce(
+    predicted: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    clip_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """InfoNCE per row [M]: row i's positive is target i, the other targets are its negatives.
+
+    Scores are cosine similarities / `temperature`. Targets with the same `clip_ids` as the
+    positive (the same clip, twice in the batch) are left out of the negatives.
+    """
+    if not len(predicted):
+        return predicted.sum(-1)  # [0]: keeps the graph for every parameter
+    scores = F.normalize(predicted.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).T / temperature
+    if clip_ids is not None:
+        same = clip_ids[:, None] == clip_ids[None, :]
+        same.fill_diagonal_(False)
+        scores = scores.masked_fill(same, float("-inf"))
+    labels = torch.arange(len(predicted), device=predicted.device)
+    return F.cross_entropy(scores, labels, reduction="none")
 
 
 class SelfAttention(nn.Module):
@@ -204,6 +271,9 @@ class VideoBert(nn.Module):
         self.mlm_head = MlmHead(config)
         self.pooler = nn.Linear(config.hidden, config.hidden)
         self.alignment = nn.Linear(config.hidden, 1)  # logit: is the text aligned with the video?
+        if config.takes_features:
+            self.feature_projection = FeatureProjection(config)
+            self.contrastive_head = ContrastiveHead(config)
         self.apply(self._init_weights)
         self.mlm_head.decoder.weight = self.embeddings.word_embeddings.weight  # tied, as BERT
 
@@ -222,11 +292,15 @@ class VideoBert(nn.Module):
         token_type_ids: torch.Tensor,
         position_ids: torch.Tensor | None = None,
         seq_ids: torch.Tensor | None = None,
+        feature_positions: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """[B, T] ids -> [B, T, H] hidden states.
 
         `seq_ids` [B, T] numbers the packed examples in a row (0 = padding); None means one
         unpadded example per row, which lets SDPA use its fastest (mask-free) kernel.
+        A model that takes features gets `features` [N, feature_dim] at `feature_positions`
+        (flat indices into B*T, the video positions that are not masked); see `embed_inputs`.
         """
         batch, length = input_ids.shape
         if length > self.config.max_positions:
@@ -237,10 +311,53 @@ class VideoBert(nn.Module):
         if seq_ids is not None:
             # [B, T] -> [B, 1, T, T]: a token attends only to tokens of its own packed example
             mask = (seq_ids[:, :, None] == seq_ids[:, None, :]).unsqueeze(1)
-        x = self.embeddings(input_ids, token_type_ids, position_ids)
+        x = self.embed_inputs(input_ids, token_type_ids, position_ids, feature_positions, features)
         for layer in self.layers:
             x = layer(x, mask)
         return x
+
+    def embed_inputs(
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        feature_positions: torch.Tensor | None,
+        features: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Input embeddings [B, T, H].
+
+        `tokens`: the word embedding of each id (visual words at video positions).
+        `features`: at `feature_positions` the projected clip feature replaces the word
+        embedding (a masked video position keeps [MASK]'s embedding: CBT's learned mask vector).
+        `both`: the projected feature is added to the visual word's embedding.
+        Position and token-type embeddings, LayerNorm and dropout as BERT, on the sum.
+        """
+        emb = self.embeddings
+        words = emb.word_embeddings(input_ids)
+        if self.config.takes_features:
+            if feature_positions is None or features is None:
+                raise ValueError(
+                    f"this model takes clip features (video_input {self.config.video_input!r}): "
+                    "pass feature_positions and features"
+                )
+            flat = words.reshape(-1, words.shape[-1])
+            projected = self.feature_projection(features.to(flat.dtype))
+            if self.config.video_input == "features":
+                flat = flat.index_copy(0, feature_positions, projected)
+            else:
+                flat = flat.index_add(0, feature_positions, projected)
+            words = flat.view_as(words)
+        x = words + emb.position_embeddings(position_ids) + emb.token_type_embeddings(token_type_ids)
+        return emb.dropout(emb.LayerNorm(x))
+
+    def contrastive_outputs(
+        self, hidden: torch.Tensor, positions: torch.Tensor, target_features: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(predicted, target) [M, H]: the head's output at masked video `positions` and the
+        projection of those clips' true features."""
+        picked = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)
+        predicted = self.contrastive_head(picked)
+        return predicted, self.feature_projection(target_features.to(predicted.dtype))
 
     def mlm_logits(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Logits [M, V] at `positions` (flat indices into B*T) only."""
@@ -262,9 +379,18 @@ class VideoBert(nn.Module):
         seq_ids: torch.Tensor | None = None,
         mlm_positions: torch.Tensor | None = None,
         cls_positions: torch.Tensor | None = None,
+        feature_positions: torch.Tensor | None = None,
+        features: torch.Tensor | None = None,
+        nce_positions: torch.Tensor | None = None,
+        nce_features: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        hidden = self.encode(input_ids, token_type_ids, position_ids, seq_ids)
+        hidden = self.encode(input_ids, token_type_ids, position_ids, seq_ids, feature_positions, features)
         out = {"hidden": hidden}
+        if nce_positions is not None and nce_features is not None:
+            out["nce_predicted"], out["nce_targets"] = self.contrastive_outputs(
+                hidden, nce_positions, nce_features
+            )
+            out["nce_temperature"] = torch.tensor(self.config.nce_temperature)
         if mlm_positions is not None:
             out["mlm_logits"] = self.mlm_logits(hidden, mlm_positions)
         if cls_positions is not None:
@@ -481,8 +607,8 @@ def init_from_videobert(
     source_state = source.state_dict()
     with torch.no_grad():
         for name, tensor in model.state_dict().items():
-            if name == TIED_KEY:
-                continue
+            if name == TIED_KEY or name not in source_state:
+                continue  # e.g. the feature projection when the source took visual words only
             value = source_state[name]
             if name in VOCAB_ROWS:
                 tensor[target_rows] = value[source_rows].to(tensor.dtype)
@@ -492,6 +618,10 @@ def init_from_videobert(
             else:
                 tensor.copy_(value)
     return copied
+
+
+VIDEO_INPUT_WEIGHTS = "videobert_video_input.safetensors"
+VIDEO_INPUT_PREFIXES = ("feature_projection.", "contrastive_head.")
 
 
 def export_hf(model: VideoBert, vocab: JointVocab, out_dir: str | os.PathLike[str]) -> None:
@@ -512,6 +642,7 @@ def export_hf(model: VideoBert, vocab: JointVocab, out_dir: str | os.PathLike[st
         hidden_dropout_prob=c.dropout,
         attention_probs_dropout_prob=c.dropout,
         pad_token_id=PAD,
+        video_input=c.video_input,  # tokens | features | both (config.json says which kind)
     )
     hf_model = transformers.BertForMaskedLM(hf_config)
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
@@ -521,11 +652,34 @@ def export_hf(model: VideoBert, vocab: JointVocab, out_dir: str | os.PathLike[st
         raise RuntimeError(f"export mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
     out = Path(out_dir)
     hf_model.save_pretrained(out)
+    if c.takes_features:
+        # BertForMaskedLM has no place for them: the clip-feature projection (feature ->
+        # hidden, added to / replacing the video positions' word embeddings) and the InfoNCE head.
+        from safetensors.torch import save_file
+
+        extra = {k: v for k, v in state.items() if k.startswith(VIDEO_INPUT_PREFIXES)}
+        save_file(extra, str(out / VIDEO_INPUT_WEIGHTS))
+        (out / "videobert_video_input.json").write_text(
+            json.dumps(
+                {
+                    "video_input": c.video_input,
+                    "feature_dim": c.feature_dim,
+                    "nce_temperature": c.nce_temperature,
+                    "weights": VIDEO_INPUT_WEIGHTS,
+                    "usage": "inputs_embeds = word_embeddings(ids); at video positions with a clip "
+                    "feature f: feature_projection.dense(LayerNorm(f)) replaces (features) or is "
+                    "added to (both) the word embedding; then BERT's embeddings as usual",
+                },
+                indent=2,
+            )
+        )
     (out / "vocab.txt").write_text("\n".join(vocab.tokens()) + "\n")
     (out / "videobert_vocab.json").write_text(json.dumps(vocab.to_dict()))
 
 
-def build_model(size: str, vocab: JointVocab, max_positions: int = 512, seed: int = 0) -> VideoBert:
+def build_model(
+    size: str, vocab: JointVocab, max_positions: int = 512, seed: int = 0, video_input: str = "tokens"
+) -> VideoBert:
     """A randomly initialised model of a named size for this vocabulary (same weights per seed)."""
     torch.manual_seed(seed)
-    return VideoBert(VideoBertConfig.from_size(size, vocab.size, max_positions))
+    return VideoBert(VideoBertConfig.from_size(size, vocab.size, max_positions, video_input=video_input))

@@ -110,12 +110,22 @@ def version_card(
     size, steps, run = metadata.get("model_size", "?"), metadata.get("steps", "?"), metadata.get("run_name")
     origin = f", continued from `{metadata['init_from']}`" if metadata.get("init_from") else ""
     video_input = (metadata.get("encoder") or {}).get("weights") in ("random", "file")
+    kind = metadata.get("video_input", "tokens")
+    kinds = {
+        "tokens": "visual words (codebook ids) at video positions, as the paper",
+        "features": "clip features through a projection at video positions, masked clips trained "
+        "with a contrastive (InfoNCE) loss, as CBT; the visual words are not used",
+        "both": "visual words plus projected clip features at video positions; cross-entropy and "
+        "InfoNCE on masked clips",
+    }
     head = [
         f"# {name} v{version}",
         "",
         f"A pretrained VideoBERT (`{size}` size, {steps} steps"
         + (f", run `{run}`" if run else "")
         + f"{origin}).",
+        "",
+        f"- **Video input (`video_input`):** `{kind}`: {kinds.get(kind, kind)}.",
         "",
         "## Trained on",
         "",
@@ -130,6 +140,12 @@ def version_card(
     ]
     if not video_input:
         head += ["This version carries no clip encoder, so it takes token ids only.", ""]
+    if kind != "tokens":
+        head += [
+            "It takes clip features: give it raw video (a `video` column); `input_ids` alone "
+            "cannot feed its video positions.",
+            "",
+        ]
     return "\n".join(head) + "\n" + predict_example(f"models:/{name}/{version}", video_input)
 
 

@@ -164,6 +164,11 @@ def _token_types(ids: np.ndarray, vocab: JointVocab) -> np.ndarray:
 @torch.no_grad()
 def predict_frame(model: VideoBert, vocab: JointVocab, frame: pd.DataFrame) -> pd.DataFrame:
     """Run the model on a DataFrame of variable-length sequences (one padded batch)."""
+    if model.config.takes_features:
+        raise ValueError(
+            f"this model takes clip features (video_input {model.config.video_input!r}): give raw video "
+            "(a `video` column), not input_ids"
+        )
     sequences = [np.asarray(ids, np.int64) for ids in frame["input_ids"]]
     if not sequences or min(len(s) for s in sequences) == 0:
         raise ValueError("every row needs a non-empty input_ids list")
@@ -262,7 +267,7 @@ def log_and_register_model(
     from videobert.model_inputs import write_model_inputs
 
     model = model.float().cpu().eval()
-    metadata = dict(metadata)
+    metadata = {**metadata, "video_input": model.config.video_input}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, artifacts = Path(tmp) / MODEL_FILES_DIR, {}
         if metadata.get("codebook_uri"):
@@ -277,7 +282,9 @@ def log_and_register_model(
         (model_dir / "metadata.json").write_text(redact(json.dumps(metadata, indent=2)))
         (model_dir / "experiment.yaml").write_text(config_to_yaml(config))
         artifacts["model"] = str(model_dir)
-        example = video_input_example() if takes_video else input_example(vocab)
+        example = (
+            video_input_example() if takes_video or model.config.takes_features else input_example(vocab)
+        )
         version = log_pyfunc(
             run_id, VideoBertPyfunc(), artifacts, model_signature(), example, registered_model
         )
@@ -637,6 +644,7 @@ def register_pretrained(
     client = MlflowClient()
     for tag in TRAINED_ON_TAGS:
         client.set_model_version_tag(name, version, tag, trained[tag])
+    client.set_model_version_tag(name, version, "video_input", model.config.video_input)
     return version
 
 

@@ -237,6 +237,8 @@ def train_digest(config: ExperimentConfig) -> str:
         "holdout": config.evaluate.holdout_fraction,
     }
     settings["train"].pop("run_name", None)
+    if settings["model"].get("video_input") == "tokens":  # the default: digests from before it stay
+        settings["model"].pop("video_input")
     settings["train"].pop("worker_resource", None)  # where workers run, not what they train
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 

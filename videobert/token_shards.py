@@ -144,6 +144,88 @@ def features_array(table: pa.Table) -> np.ndarray:
     return values.reshape(len(column), -1) if len(column) else np.empty((0, FEATURE_DIM), np.float16)
 
 
+def segment_clip_rows(
+    starts: np.ndarray, ends: np.ndarray, segment_start: float, segment_end: float
+) -> np.ndarray:
+    """Rows (in clip_index order) of the clips a token row's video tokens came from.
+
+    Token rows keep no clip indices; `videobert.align` rebuilds them exactly from the row's
+    times: a sentence segment holds every clip that overlaps the sentence, a video-only segment
+    (times = its first clip's start and last clip's end) the clips inside it, and both are the
+    clips overlapping [start_s, end_s] under align's half-open rule."""
+    if segment_start == segment_end:
+        return np.flatnonzero((starts <= segment_start) & (segment_start < ends))
+    return np.flatnonzero((starts < segment_end) & (ends > segment_start))
+
+
+class FeatureJoiner:
+    """Token rows -> their clips' features, read from extract's `features/` tables.
+
+    The data contract of `tokens/` does not change (no features column, so tokenize writes
+    nothing new and old shards still work): a model with `model.video_input` features or both
+    joins each row with the features of its video (by video_id) and its clips (by time, see
+    `segment_clip_rows`). A row whose clip count differs from its video tokens means the
+    features changed since tokenize ran: a ValueError that says to rerun tokenize.
+    Keeps the last `cache_videos` videos' features in memory (a token shard's rows come video
+    by video, and a small corpus is replayed from memory every epoch).
+    """
+
+    def __init__(self, output: str, s3: S3Config | None = None, cache_videos: int = 256) -> None:
+        self.layout = Layout(output)
+        self.s3 = s3
+        self.cache_videos = cache_videos
+        self._cache: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+
+    def clips(self, vid: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(start_s, end_s, features [N, dim] float16) of a video's clips, by clip_index."""
+        if vid in self._cache:
+            return self._cache[vid]
+        try:
+            table = storage.read_parquet(self.layout.features_file(vid), self.s3).sort_by("clip_index")
+        except Exception as error:
+            raise ValueError(
+                f"video {vid}: cannot read its clip features for model.video_input features/both "
+                f"({self.layout.features_file(vid)}): {error}"
+            ) from error
+        entry = (
+            table.column("start_s").to_numpy(),
+            table.column("end_s").to_numpy(),
+            features_array(table),
+        )
+        if len(self._cache) >= self.cache_videos:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[vid] = entry
+        return entry
+
+    def features(self, vid: str, start_s: float, end_s: float, num_tokens: int) -> np.ndarray:
+        """[num_tokens, dim] float16 features of one token row's clips."""
+        if num_tokens == 0:
+            return np.zeros((0, FEATURE_DIM), np.float16)
+        starts, ends, feats = self.clips(vid)
+        rows = segment_clip_rows(starts, ends, float(start_s), float(end_s))
+        if len(rows) != num_tokens:
+            raise ValueError(
+                f"video {vid} segment [{start_s}, {end_s}]: {num_tokens} video tokens but {len(rows)} "
+                "clips in its features: the features changed since tokenize ran (rerun tokenize)"
+            )
+        return feats[rows]
+
+    def __call__(self, columns: dict[str, Any]) -> dict[str, Any]:
+        """Columns with video_id, start_s, end_s, video_tokens -> the same plus `video_features`
+        (one [clips, dim] float16 array per row)."""
+        joined = [
+            self.features(str(vid), start, end, len(tokens) if tokens is not None else 0)
+            for vid, start, end, tokens in zip(
+                columns["video_id"],
+                columns["start_s"],
+                columns["end_s"],
+                columns["video_tokens"],
+                strict=True,
+            )
+        ]
+        return {**columns, "video_features": joined}
+
+
 def segments_table(
     segments: list[Segment], text_ids: list[list[int]], codebook_version: str, tokenizer_version: str
 ) -> pa.Table:

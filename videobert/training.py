@@ -156,6 +156,8 @@ def pretraining_loss(
         for is_video, name in ((False, "text"), (True, "video")):
             selected = batch["mlm_is_video"] == is_video
             parts[f"mlm_acc_{name}"] = torch.stack([correct[selected].sum(), selected.sum().float()])
+    if "nce_predicted" in outputs:
+        loss = loss + contrastive_loss(outputs, batch, parts)
     if "alignment_logits" in outputs and not batch["align_labels"].numel():
         # No text+video pair in this micro-batch: keep the alignment head in the graph with a
         # zero loss, so every rank hands DeepSpeed a gradient for every parameter. Otherwise the
@@ -174,7 +176,40 @@ def pretraining_loss(
     return loss, parts
 
 
+def contrastive_loss(
+    outputs: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], parts: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Mean InfoNCE over the masked video positions (CBT); 0, still in the graph, without any.
+
+    Adds `nce_loss` and `nce_acc` (the own clip scored highest) to `parts`."""
+    from videobert.model import info_nce
+
+    predicted, targets = outputs["nce_predicted"], outputs["nce_targets"]
+    per_row = info_nce(predicted, targets, float(outputs["nce_temperature"]), batch.get("nce_clip_ids"))
+    if not len(per_row):
+        return 0.0 * (predicted.float().sum() + targets.float().sum())
+    with torch.no_grad():
+        count = torch.tensor(float(len(per_row)), device=per_row.device)
+        parts["nce_loss"] = torch.stack([per_row.detach().sum(), count])
+        scores = F.normalize(predicted.float(), dim=-1) @ F.normalize(targets.float(), dim=-1).T
+        ids = batch.get("nce_clip_ids")
+        own = torch.arange(len(scores), device=scores.device)
+        best = scores.argmax(-1)
+        hits = (best == own) if ids is None else (ids[best] == ids)
+        parts["nce_acc"] = torch.stack([hits.float().sum(), count])
+    return per_row.mean()
+
+
 def forward(engine_or_model: Any, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The model on a packed batch; clip features and InfoNCE targets go in when the batch has them."""
+    extra = {}
+    if "features" in batch:
+        extra = {
+            "feature_positions": batch["feature_positions"],
+            "features": batch["features"],
+            "nce_positions": batch["nce_positions"],
+            "nce_features": batch["nce_features"],
+        }
     return engine_or_model(
         input_ids=batch["input_ids"],
         token_type_ids=batch["token_type_ids"],
@@ -182,6 +217,7 @@ def forward(engine_or_model: Any, batch: dict[str, torch.Tensor]) -> dict[str, t
         seq_ids=batch["seq_ids"],
         mlm_positions=batch["mlm_positions"],
         cls_positions=batch["cls_positions"] if batch["cls_positions"].numel() else None,
+        **extra,
     )
 
 
@@ -380,7 +416,13 @@ def prepare_rank(
     """
     from videobert.model import build_model, init_from_bert
 
-    model = build_model(config.model.size, vocab, config.model.max_seq_len, seed=config.train.seed)
+    model = build_model(
+        config.model.size,
+        vocab,
+        config.model.max_seq_len,
+        seed=config.train.seed,
+        video_input=config.model.video_input,
+    )
     if checkpoint_dir is None and init_model_uri:
         from videobert.registry import init_from_registered
 
@@ -398,6 +440,10 @@ def model_from_checkpoint(
     """The full fp32 model from a (sharded) DeepSpeed checkpoint, on CPU."""
     from videobert.model import VideoBertConfig, load_weights
 
-    model = VideoBert(VideoBertConfig.from_size(config.model.size, vocab.size, config.model.max_seq_len))
+    model = VideoBert(
+        VideoBertConfig.from_size(
+            config.model.size, vocab.size, config.model.max_seq_len, video_input=config.model.video_input
+        )
+    )
     load_weights(model, consolidated_fp32_state(directory))
     return model

@@ -225,15 +225,27 @@ class ClipFeatures:
 class ClipWords(ClipFeatures):
     """ClipFeatures plus a codebook: clip rows leave with a visual word instead of a feature."""
 
-    def __init__(self, encoder: EncoderConfig, decode: DecodeConfig, s3: S3Config, codebook_uri: str) -> None:
+    def __init__(
+        self,
+        encoder: EncoderConfig,
+        decode: DecodeConfig,
+        s3: S3Config,
+        codebook_uri: str,
+        keep_features: bool = False,
+    ) -> None:
         from videobert.codebook import HierarchicalCodebook, default_device
 
         super().__init__(encoder, decode, s3)
         self.codebook = HierarchicalCodebook.load(codebook_uri, s3).to(default_device())
+        self.keep_features = keep_features  # for a model that takes clip features (video_input)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = super().__call__(batch)
-        features = out.pop("feature")  # only the words travel on: 4 bytes a clip instead of 4 KiB
+        # Only the words travel on (4 bytes a clip instead of 4 KiB), unless the model takes the
+        # features too; then as float16, as extract stores them.
+        features = out.pop("feature")
+        if self.keep_features:
+            out["feature"] = features.astype(np.float16)
         words = np.full(len(features), -1, np.int32)
         good = [i for i in range(len(words)) if out["kind"][i] == CLIP and not out["error"][i]]
         if good:
@@ -279,6 +291,10 @@ class DecodedVideo:
     def visual_words(self) -> np.ndarray:
         """The video's words in clip order (clip rows from `ClipWords`)."""
         return np.array([int(clip["visual_word"]) for clip in self.ordered_clips()], np.int64)
+
+    def clip_features(self) -> np.ndarray:
+        """The video's clip features [clips, dim] in clip order (`ClipWords(keep_features=True)`)."""
+        return np.stack([np.asarray(clip["feature"], np.float16) for clip in self.ordered_clips()])
 
 
 class ClipGatherer:
