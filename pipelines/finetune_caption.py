@@ -32,7 +32,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from pipelines.common import init_ray, stage_main
-from pipelines.labelled_sets import extract_labelled
+from pipelines.labelled_sets import already_built, evaluate_and_promote, extract_labelled, finetune_inputs
 from videobert.config import ConfigError, ExperimentConfig, redact
 from videobert.results import FinetuneResult
 
@@ -65,7 +65,7 @@ def caption_metrics(
     """`<set>_<metric>` of every captioner on the test segments (all the captions of a segment's
     window in the table are its references), `<set>_object_named` when the table has objects,
     and metric -> why for those that could not be computed."""
-    from videobert.captioning import METRIC_NAMES, object_named_rate, score_captions
+    from videobert.captioning import METRIC_NAMES, object_named_rate, score_caption_sets
 
     references: dict[str, list[str]] = {}
     key_of = []
@@ -75,9 +75,11 @@ def caption_metrics(
         key_of.append(key)
     metrics: dict[str, float] = {}
     missing: dict[str, str] = {}
-    for name, captions in trained.test_captions.items():
-        candidates = dict(zip(key_of, captions, strict=True))  # one window, one caption
-        scores = score_captions(references, candidates)
+    sets = {
+        name: dict(zip(key_of, captions, strict=True)) for name, captions in trained.test_captions.items()
+    }
+    for name, scores in score_caption_sets(references, sets).items():  # one window, one caption
+        captions = trained.test_captions[name]
         metrics |= {f"{name}_{m}": scores.metrics[m] for m in METRIC_NAMES if m in scores.metrics}
         missing |= {f"{name}_{m}": why for m, why in scores.missing.items()}
         named = object_named_rate(captions, [s.object for s in test])
@@ -178,24 +180,12 @@ def run(config: ExperimentConfig) -> FinetuneResult:
 
     from videobert import captioning as cap
     from videobert.captioner import register_captioner
-    from videobert.classification import TEST, TRAIN, check_decode, labels_digest, window_clips
-    from videobert.classifier import LINEAGE_TAG, check_takes_video
-    from videobert.embedding import model_codebook
-    from videobert.evaluation import plan_evalset, unreadable_labelled_videos
-    from videobert.features import encoder_id
+    from videobert.classification import TEST, TRAIN, labels_digest, window_clips
+    from videobert.classifier import LINEAGE_TAG
+    from videobert.evaluation import unreadable_labelled_videos
     from videobert.model_card import captioner_card, captioner_model_card
-    from videobert.registry import (
-        CHAMPION,
-        EVAL_RUN_TAG,
-        alias_version,
-        already_trained,
-        describe_version,
-        eval_tag,
-        promote,
-        resolve_model_version,
-    )
     from videobert.tables import Layout
-    from videobert.tracking import setup_experiment, start_or_resume_run, use_tracking_uri
+    from videobert.tracking import start_or_resume_run, use_tracking_uri
 
     settings, name = config.finetune, config.finetune.captioner_name
     if not settings.captions:
@@ -204,32 +194,23 @@ def run(config: ExperimentConfig) -> FinetuneResult:
             "and caption (README: Fine-tuning a captioner)"
         )
     segments = cap.read_captions_table(settings.captions, config)
-    setup_experiment(config)
+    inputs = finetune_inputs(config, settings.captions)
+    pretrained, plan = inputs.pretrained, inputs.plan
     client = MlflowClient()
-    pretrained = resolve_model_version(str(settings.model_uri))
-    check_takes_video(pretrained)
-    encoder = encoder_id(config.encoder)
-    codebook_uri, _ = model_codebook(pretrained, config, encoder)
-    check_decode(config, pretrained.uri, pretrained.metadata)
-    plan = plan_evalset(config, encoder, settings.captions)
     trained_on = {
         LINEAGE_TAG: pretrained.uri,
         "captions_digest": labels_digest(segments, plan.videos),
         "caption_digest": cap.caption_digest(settings),
     }
-    done = already_trained(config, trained_on, name)
+    done = already_built(config, "finetune-caption", name, trained_on, pretrained.uri)
     if done is not None:
-        print(
-            f"finetune-caption: {name} v{done} is already built on {pretrained.uri} with this table and settings"
-        )
-        champion = str(alias_version(client, name, CHAMPION)) == str(done)
-        return FinetuneResult(name, str(done), pretrained.uri, promoted=champion, skipped=True)
+        return done
 
     init_ray()
     started = time.perf_counter()
-    extract_labelled(config, plan, encoder, "finetune-caption", settings.captions)
+    extract_labelled(config, plan, inputs.encoder, "finetune-caption", settings.captions)
     unreadable = unreadable_labelled_videos(config, plan, labels=settings.captions)
-    words, features, empty = window_clips(config, settings.captions, segments, codebook_uri)
+    words, features, empty = window_clips(config, settings.captions, segments, inputs.codebook_uri)
     unreadable |= empty
     for uri, reason in unreadable.items():
         log.warning("captioned segment left out: %s: %s", uri, reason)
@@ -310,12 +291,9 @@ def run(config: ExperimentConfig) -> FinetuneResult:
         info,
         trained_on,
     )
-    for key, value in metrics.items():
-        client.set_model_version_tag(name, version, eval_tag(key), f"{value:.6f}")
-    client.set_model_version_tag(name, version, EVAL_RUN_TAG, run_id)
-    describe_version(client, name, version, card=captioner_card, model_card=captioner_model_card(name))
-    decision = promote(client, name, version, cap.METRIC)
-    client.set_terminated(run_id, "FINISHED")
+    decision = evaluate_and_promote(
+        name, version, run_id, metrics, cap.METRIC, captioner_card, captioner_model_card(name)
+    )
     log.info("registered %s v%s (%.1f s in all)", name, version, time.perf_counter() - started)
     verdict = "promoted to champion" if decision.promoted else "kept the current champion"
     ratio = metrics.get("cider_ratio_to_s3d")

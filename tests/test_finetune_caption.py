@@ -29,6 +29,9 @@ from videobert.registry import CANDIDATE, CHAMPION, alias_version
 from videobert.tracking import use_tracking_uri
 
 CAPTIONER = "shapes-captioner"
+# The stage's first test pays for the shared labelled world, a Ray Train run and pycocoevalcap's
+# Java start-ups: minutes on a loaded 2-core box.
+pytestmark = pytest.mark.timeout(1200)
 
 
 def _caption(shape: str) -> str:

@@ -610,24 +610,42 @@ def _python_tokenize(captions: dict[str, list[str]]) -> dict[str, list[str]]:
     return {k: [" ".join(caption_words(c)) for c in v] for k, v in captions.items()}
 
 
+EMPTY_CAPTION = "<unk>"
+"""Scored in place of an empty generated caption (the COCO tools cannot take one)."""
+
+
 def score_captions(references: dict[str, list[str]], candidates: dict[str, str]) -> CaptionScores:
     """BLEU-3/4, METEOR, ROUGE-L and CIDEr of `candidates` (id -> caption) against `references`
-    (id -> captions), by pycocoevalcap (module doc). Its printing goes to the log, not stdout."""
+    (id -> captions), by pycocoevalcap (module doc)."""
+    return score_caption_sets(references, {"": candidates})[""]
+
+
+def score_caption_sets(
+    references: dict[str, list[str]], sets: dict[str, dict[str, str]]
+) -> dict[str, CaptionScores]:
+    """`score_captions` of several candidate sets against the same references, with one run of
+    the Java tokenizer and one METEOR process for them all. pycocoevalcap's printing goes to
+    the log, not stdout."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
     global _JAVA_WARNED
     java = java_available()
-    missing = {}
+    keys = list(references)
+    candidates = {
+        f"{name}\t{k}": [captions[k].strip() or EMPTY_CAPTION]
+        for name, captions in sets.items()
+        for k in keys
+    }
     chatter = io.StringIO()
     with contextlib.redirect_stdout(chatter):
         if java:
             from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
             tokenizer = PTBTokenizer()
-            gts = tokenizer.tokenize({k: [{"caption": c} for c in v] for k, v in references.items()})
-            res = tokenizer.tokenize({k: [{"caption": candidates[k]}] for k in references})
+            gts = tokenizer.tokenize({k: [{"caption": c} for c in references[k]] for k in keys})
+            tokenized = tokenizer.tokenize({k: [{"caption": v[0]}] for k, v in candidates.items()})
         else:
             if not _JAVA_WARNED:
                 log.warning(
@@ -635,25 +653,32 @@ def score_captions(references: dict[str, list[str]], candidates: dict[str, str])
                     "(pycocoevalcap runs Java for both; the infra/ image has a JRE)"
                 )
                 _JAVA_WARNED = True
-            gts = _python_tokenize(references)
-            res = _python_tokenize({k: [candidates[k]] for k in references})
-        bleu, _ = Bleu(4).compute_score(gts, res)
-        metrics = {"bleu3": float(bleu[2]), "bleu4": float(bleu[3])}
+            gts = _python_tokenize({k: references[k] for k in keys})
+            tokenized = _python_tokenize(candidates)
+        meteor = None
         if java:
             from pycocoevalcap.meteor.meteor import Meteor
 
             meteor = Meteor()
-            try:
-                metrics["meteor"] = float(meteor.compute_score(gts, res)[0])
-            finally:
-                del meteor  # its __del__ ends the Java process
-        else:
-            missing["meteor"] = "no `java` on PATH (pycocoevalcap's METEOR runs Java)"
-        metrics["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
-        metrics["cider"] = float(Cider().compute_score(gts, res)[0])
+        scores = {}
+        try:
+            for name in sets:
+                res = {k: [tokenized[f"{name}\t{k}"][0] or EMPTY_CAPTION] for k in keys}
+                bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+                metrics = {"bleu3": float(bleu[2]), "bleu4": float(bleu[3])}
+                missing = {}
+                if meteor is not None:
+                    metrics["meteor"] = float(meteor.compute_score(gts, res)[0])
+                else:
+                    missing["meteor"] = "no `java` on PATH (pycocoevalcap's METEOR runs Java)"
+                metrics["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
+                metrics["cider"] = float(Cider().compute_score(gts, res)[0])
+                scores[name] = CaptionScores(metrics, missing)
+        finally:
+            del meteor  # its __del__ ends the Java process
     if chatter.getvalue().strip():
         log.debug("pycocoevalcap: %s", chatter.getvalue().strip())
-    return CaptionScores(metrics, missing)
+    return scores
 
 
 def object_named_rate(captions: Sequence[str], objects: Sequence[str | None]) -> float | None:
