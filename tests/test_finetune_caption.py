@@ -293,3 +293,13 @@ def test_config_keys_and_their_checks() -> None:
         load_config(None, ["finetune.captioner.hidden=100"])
     with pytest.raises(ConfigError, match="unknown config key finetune.captioner.depth"):
         load_config(None, ["finetune.captioner.depth=3"])
+
+
+def test_demo_captions_are_the_instruction_sentences() -> None:
+    from videobert.demo_corpus import OBJECTS, DemoSpec, instruction_cue, narration, plan_corpus
+
+    spec = DemoSpec(objects=len(OBJECTS), actions=5, videos_per_class=2)
+    for video in plan_corpus(spec):
+        cue = instruction_cue(video, narration(video, spec))
+        assert cue.text == f"now let me show you how to {video.verb} the {video.object}.", cue
+        assert 0 <= cue.start_s < cue.end_s <= spec.seconds

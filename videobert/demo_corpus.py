@@ -32,6 +32,7 @@ import importlib.metadata
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -259,6 +260,12 @@ def narration(video: DemoVideo, spec: DemoSpec) -> list[Cue]:
     return [Cue(0.0, closer_start, instruction), Cue(closer_start, spec.seconds, str(rng.choice(CLOSERS)))]
 
 
+def instruction_cue(video: DemoVideo, cues: list[Cue]) -> Cue:
+    """The narration's sentence over the action: the one that names the object as a whole word
+    ("star" is not in "let's get started.")."""
+    return next(c for c in cues if video.object in re.findall(r"[a-z]+", c.text))
+
+
 def _timestamp(seconds: float) -> str:
     millis = round(seconds * 1000)
     hours, millis = divmod(millis, 3_600_000)
@@ -366,7 +373,7 @@ def generate_corpus(
             rows.append((uri, video.verb, video.object))
         split = "test" if labelled else "train"
         classes.append((uri, f"{video.verb} the {video.object}", split, video.verb, video.object))
-        instruction = next(c for c in cues if video.object in c.text)  # the sentence over the action
+        instruction = instruction_cue(video, cues)
         captions.append(
             (
                 uri,
