@@ -138,6 +138,43 @@ def test_features_videobert_parts_differ_from_s3d(captioned) -> None:
     assert cap.feature_matrix({"s3d": s3d}, "s3d")[1] == [1024]
 
 
+def test_unfrozen_pretrained_weights_train_with_the_captioner(captioned, evaluated: Evaluated) -> None:
+    """`freeze_pretrained: false`: the VideoBERT model is in the captioner's graph and its
+    fine-tuned weights come back for registration."""
+    from videobert.model import weights_state_dict
+    from videobert.registry import load_registered_model, resolve_model_version
+    from videobert.tables import Layout
+
+    config, result = captioned
+    use_tracking_uri(config.mlflow.tracking_uri)
+    pretrained = resolve_model_version(f"models:/{evaluated.first.model_name}/{evaluated.first.version}")
+    meta = pretrained.metadata
+    captioner = dataclasses.replace(config.finetune.captioner, freeze_pretrained=False, steps=2)
+    words = [np.array([0, 1, 2]), np.array([3, 2, 1, 0])]
+    s3d = [np.full((3, 1024), 1e-3, np.float16), np.zeros((4, 1024), np.float16)]
+    captions = ["slide the circle", "lift the square"]
+    task = cap.CaptionTask(
+        settings=dataclasses.replace(config.finetune, captioner=captioner),
+        model_uri=pretrained.uri,
+        tokenizer_uri=meta.get("tokenizer_uri") or Layout(config.output).tokenizer(meta["tokenizer_version"]),
+        s3=config.s3,
+        tracking_uri=config.mlflow.tracking_uri,
+        run_id=result.run_id,
+        vocab=cap.CaptionVocab.build(captions).words,
+        train_words=words,
+        train_s3d=s3d,
+        train_captions=captions,
+        test_words=words,
+        test_s3d=s3d,
+        feature_sets=(cap.REGISTERED,),
+    )
+    trained = cap.train_captioners(task, log_metrics=False)
+    assert set(trained.states) == {cap.REGISTERED} and len(trained.test_captions[cap.REGISTERED]) == 2
+    assert trained.encoder is not None
+    before = weights_state_dict(load_registered_model(pretrained.uri)[0])
+    assert any(not torch.equal(before[k], trained.encoder[k]) for k in before)
+
+
 # ---- the library on its own (no Ray, no MLflow) -------------------------------------------------
 
 

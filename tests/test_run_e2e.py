@@ -145,11 +145,12 @@ def test_run_fine_tunes_a_classifier_that_beats_zero_shot(demo_run):
     assert metrics["test_top1"] >= 3 * metrics["chance"], metrics
 
 
-# Issue 14 §5's caption goals on the demo's 12 held-out segments, a little under what
-# configs/demo.yaml reaches (README, "Fine-tuning a captioner").
+# Issue 14 §5's caption goals on the demo's 12 held-out segments (VideoBERT + S3D CIDEr at least
+# S3D-only's; 90% of captions name the right object), with a margin under what configs/demo.yaml
+# reached (README, "Fine-tuning a captioner": CIDEr 2.5-3.2x S3D-only's, objects 1.00).
 CAPTION_GOALS = {
     "test_object_named": ("at least 0.90", lambda m: 0.90),
-    "test_cider": ("at least the S3D-only captioner's", lambda m: m["s3d_cider"] - 0.05),
+    "test_cider": ("at least 1.5x the S3D-only captioner's", lambda m: 1.5 * m["s3d_cider"]),
 }
 
 
