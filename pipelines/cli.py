@@ -15,6 +15,7 @@ STAGES = {
     "promote": "promote",
     "embed": "embed",
     "finetune-classify": "finetune_classify",
+    "finetune-caption": "finetune_caption",
     "run": "run",
     "demo-corpus": "demo_corpus",
 }

@@ -5,7 +5,8 @@
 What to generate comes from the `demo:` section of the config, like every stage's settings.
 No Ray needed: a few dozen tiny videos take seconds in one process. The labels go to
 `evaluate.labels` when set, else to `<source>/labels.csv`; the classification table (every
-video's "<verb> the <object>", split test for the labelled ones) to `finetune.labels` when set.
+video's "<verb> the <object>", split test for the labelled ones) to `finetune.labels` when set;
+the captions table (every video's instruction sentence and its span) to `finetune.captions`.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ def demo_spec(demo: DemoConfig) -> DemoSpec:
 
 def run(config: ExperimentConfig) -> CorpusSummary:
     summary = generate_corpus(
-        config.source, demo_spec(config.demo), config.evaluate.labels, config.s3, config.finetune.labels
+        config.source,
+        demo_spec(config.demo),
+        config.evaluate.labels,
+        config.s3,
+        config.finetune.labels,
+        config.finetune.captions,
     )
     for note in summary.notes:
         print(f"note: {note}")
@@ -38,6 +44,7 @@ def run(config: ExperimentConfig) -> CorpusSummary:
         f"under {summary.source} ({summary.written} files written, {summary.unchanged} unchanged); "
         f"labels: {summary.labels_uri}"
         + (f"; classes: {config.finetune.labels}" if config.finetune.labels else "")
+        + (f"; captions: {config.finetune.captions}" if config.finetune.captions else "")
     )
     return summary
 

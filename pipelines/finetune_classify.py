@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from pipelines.common import init_ray, stage_main
-from pipelines.labelled_sets import extract_labelled
+from pipelines.labelled_sets import already_built, evaluate_and_promote, extract_labelled, finetune_inputs
 from videobert.config import ConfigError, ExperimentConfig, redact
 from videobert.results import FinetuneResult
 
@@ -122,23 +122,10 @@ def run(config: ExperimentConfig) -> FinetuneResult:
     from mlflow import MlflowClient
 
     from videobert import classification as cls
-    from videobert.classifier import LINEAGE_TAG, check_takes_video, register_classifier
-    from videobert.embedding import model_codebook
-    from videobert.evaluation import plan_evalset
-    from videobert.features import encoder_id
+    from videobert.classifier import LINEAGE_TAG, register_classifier
     from videobert.model_card import classifier_card, classifier_model_card
-    from videobert.registry import (
-        CHAMPION,
-        EVAL_RUN_TAG,
-        alias_version,
-        already_trained,
-        describe_version,
-        eval_tag,
-        promote,
-        resolve_model_version,
-    )
     from videobert.tables import Layout
-    from videobert.tracking import setup_experiment, start_or_resume_run
+    from videobert.tracking import start_or_resume_run
 
     settings, name = config.finetune, config.finetune.classifier_name
     if not settings.labels:
@@ -147,26 +134,22 @@ def run(config: ExperimentConfig) -> FinetuneResult:
             "(README: Fine-tuning a classifier)"
         )
     clips = cls.read_classification_table(settings.labels, config)
-    setup_experiment(config)
+    inputs = finetune_inputs(config, settings.labels)
+    pretrained, encoder, codebook_uri, plan = (
+        inputs.pretrained,
+        inputs.encoder,
+        inputs.codebook_uri,
+        inputs.plan,
+    )
     client = MlflowClient()
-    pretrained = resolve_model_version(str(settings.model_uri))
-    check_takes_video(pretrained)
-    encoder = encoder_id(config.encoder)
-    codebook_uri, _ = model_codebook(pretrained, config, encoder)
-    cls.check_decode(config, pretrained.uri, pretrained.metadata)
-    plan = plan_evalset(config, encoder, settings.labels)
     trained_on = {
         LINEAGE_TAG: pretrained.uri,
         "labels_digest": cls.labels_digest(clips, plan.videos),
         "finetune_digest": cls.finetune_digest(settings),
     }
-    done = already_trained(config, trained_on, name)
+    done = already_built(config, "finetune-classify", name, trained_on, pretrained.uri)
     if done is not None:
-        print(
-            f"finetune-classify: {name} v{done} is already built on {pretrained.uri} with this table and settings"
-        )
-        champion = str(alias_version(client, name, CHAMPION)) == str(done)
-        return FinetuneResult(name, str(done), pretrained.uri, promoted=champion, skipped=True)
+        return done
 
     init_ray()
     started = time.perf_counter()
@@ -230,12 +213,9 @@ def run(config: ExperimentConfig) -> FinetuneResult:
     version = register_classifier(
         run_id, config, pretrained, trained.head, trained.encoder, classes, info, trained_on
     )
-    for key, value in metrics.items():
-        client.set_model_version_tag(name, version, eval_tag(key), f"{value:.6f}")
-    client.set_model_version_tag(name, version, EVAL_RUN_TAG, run_id)
-    describe_version(client, name, version, card=classifier_card, model_card=classifier_model_card(name))
-    decision = promote(client, name, version, cls.METRIC)
-    client.set_terminated(run_id, "FINISHED")
+    decision = evaluate_and_promote(
+        name, version, run_id, metrics, cls.METRIC, classifier_card, classifier_model_card(name)
+    )
     log.info("registered %s v%s (%.1f s in all)", name, version, time.perf_counter() - started)
     verdict = "promoted to champion" if decision.promoted else "kept the current champion"
     print(

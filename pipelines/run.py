@@ -1,5 +1,5 @@
 """`videobert run`: extract -> fit-codebook -> tokenize -> pretrain -> evaluate -> promote
-(-> finetune-classify, when `finetune.labels` is set).
+(-> finetune-classify, when `finetune.labels` is set; -> finetune-caption, when `finetune.captions` is).
 
 Each stage hands its typed result (videobert/results.py) to the next one, and decides for
 itself whether there is work, so the whole pipeline is safe to rerun at any time:
@@ -8,8 +8,8 @@ itself whether there is work, so the whole pipeline is safe to rerun at any time
 - pretrain is skipped when the candidate was trained on exactly these token shards with the
   same settings, and a killed pretrain resumes, because its run name is derived from both;
 - evaluate is skipped when the candidate already has an evaluation; promote is idempotent;
-- finetune-classify trains nothing when the classifiers' candidate was built on the same
-  pretrained version (the champion by default), table and settings.
+- finetune-classify (finetune-caption) trains nothing when the classifiers' (captioners')
+  candidate was built on the same pretrained version (the champion by default), table and settings.
 A second run over unchanged inputs therefore does nothing beyond these checks.
 """
 
@@ -21,7 +21,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipelines import evaluate, extract, finetune_classify, fit_codebook, pretrain, promote, tokenize
+from pipelines import (
+    evaluate,
+    extract,
+    finetune_caption,
+    finetune_classify,
+    fit_codebook,
+    pretrain,
+    promote,
+    tokenize,
+)
 from pipelines.common import init_ray, stage_main
 from videobert.config import ExperimentConfig, parse_model_uri
 from videobert.results import EvaluationResult
@@ -64,13 +73,19 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
     else:
         stage("evaluate", evaluate.run, config)
     decision = stage("promote", promote.run, config)
-    classifier = None
+    classifier = captioner = None
+    name, alias, _ = parse_model_uri(str(config.finetune.model_uri))
+    pretrained_ready = not alias or alias_version(client, name, alias) is not None
     if config.finetune.labels:
-        name, alias, _ = parse_model_uri(str(config.finetune.model_uri))
-        if alias and alias_version(client, name, alias) is None:  # e.g. no candidate evaluated yet
+        if not pretrained_ready:  # e.g. no candidate evaluated yet
             log.warning("finetune-classify: no `%s` version of %s to build a classifier on yet", alias, name)
         else:
             classifier = stage("finetune-classify", finetune_classify.run, config)
+    if config.finetune.captions:
+        if not pretrained_ready:
+            log.warning("finetune-caption: no `%s` version of %s to build a captioner on yet", alias, name)
+        else:
+            captioner = stage("finetune-caption", finetune_caption.run, config)
 
     total = time.perf_counter() - started
     spent = ", ".join(f"{name} {seconds:.0f} s" for name, seconds in timings.items())
@@ -84,6 +99,10 @@ def run(config: ExperimentConfig) -> dict[str, Any]:
         top1 = classifier.metrics.get("test_top1", 0.0)
         how = "already built" if classifier.skipped else f"test top-1 {top1:.3f}"
         print(f"  classifier:    {classifier.model_uri} on {classifier.pretrained_uri} ({how})")
+    if captioner is not None:
+        cider = captioner.metrics.get("test_cider", 0.0)
+        how = "already built" if captioner.skipped else f"test CIDEr {cider:.3f}"
+        print(f"  captioner:     {captioner.model_uri} on {captioner.pretrained_uri} ({how})")
     print(f"  open MLflow:   mlflow ui --backend-store-uri {tracking_uri(config)}")
     return results
 

@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,8 +68,29 @@ METRIC = "test_top1"
 # ---- the labels table -----------------------------------------------------------------------
 
 
+class VideoWindow:
+    """A table row naming a video (`source_uri`) and maybe a window of it (`start_s`, `end_s`):
+    what `clip_words` reads. Mixed into the fine-tuning tables' row classes."""
+
+    row: int
+    source_uri: str
+    start_s: float | None
+    end_s: float | None
+
+    @property
+    def video_id(self) -> str:
+        return video_id(self.source_uri)
+
+    @property
+    def name(self) -> str:
+        """The video, with its window when it has one."""
+        if self.start_s is None and self.end_s is None:
+            return self.source_uri
+        return f"{self.source_uri} [{self.start_s or 0:g}, {'end' if self.end_s is None else f'{self.end_s:g}'}) s"
+
+
 @dataclass(frozen=True)
-class LabelledClip:
+class LabelledClip(VideoWindow):
     """One row of the labels table: a video (or a window of it), its class and its split."""
 
     row: int
@@ -81,17 +103,6 @@ class LabelledClip:
     end_s: float | None = None
     verb: str | None = None
     object: str | None = None
-
-    @property
-    def video_id(self) -> str:
-        return video_id(self.source_uri)
-
-    @property
-    def name(self) -> str:
-        """The video, with its window when it has one."""
-        if self.start_s is None and self.end_s is None:
-            return self.source_uri
-        return f"{self.source_uri} [{self.start_s or 0:g}, {'end' if self.end_s is None else f'{self.end_s:g}'}) s"
 
 
 def holdout_split(source_uri: str, test_fraction: float) -> str:
@@ -122,24 +133,43 @@ def _seconds(value: Any, column: str, row: int, where: str) -> float | None:
     return seconds
 
 
-def read_classification_table(uri: str, config: ExperimentConfig) -> list[LabelledClip]:
-    """Every row of `finetune.labels` (see the module doc), checked; ConfigError names the column."""
-    where = f"finetune.labels {uri}"
-    table = read_labels(uri, config, REQUIRED_COLUMNS, "finetune.labels")
+@dataclass(frozen=True)
+class TableRow:
+    """One checked row of a fine-tuning table: its video, window and split, and every cell."""
+
+    row: int
+    source_uri: str
+    """As `storage.list_objects` spells it (`evaluation.listed_uri`)."""
+    split: str
+    start_s: float | None
+    end_s: float | None
+    values: dict[str, Any]
+
+
+def read_finetune_table(
+    uri: str, config: ExperimentConfig, key: str, required: Sequence[str], needed: Sequence[str] = ()
+) -> tuple[list[TableRow], set[str]]:
+    """The rows of a fine-tuning table (`key`: finetune.labels, finetune.captions) and its column
+    names. Checked: the `required` columns exist; `source_uri` and the `needed` cells are set;
+    `start_s` < `end_s` when given; `split` is train or test (without the column: the hash
+    hold-out of `finetune.test_fraction`); both splits have rows. ConfigError names the column
+    and the row."""
+    where = f"{key} {uri}"
+    table = read_labels(uri, config, required, key)
     columns = set(table.column_names)
-    has_split, has_pair = "split" in columns, {"verb", "object"} <= columns
-    clips = []
+    rows = []
     for row, values in enumerate(table.to_pylist(), start=1):
-        source, label = _text(values["source_uri"]), _text(values["label"])
+        source = _text(values["source_uri"])
         if source is None:
             raise ConfigError(f"{where}: column `source_uri`, row {row}: empty")
-        if label is None:
-            raise ConfigError(f"{where}: column `label`, row {row}: empty (every row needs a class)")
+        for column in needed:
+            if _text(values[column]) is None:
+                raise ConfigError(f"{where}: column `{column}`, row {row}: empty (every row needs one)")
         start = _seconds(values.get("start_s"), "start_s", row, where)
         end = _seconds(values.get("end_s"), "end_s", row, where)
         if end is not None and not end > (start or 0.0):
             raise ConfigError(f"{where}: columns `start_s` / `end_s`, row {row}: need start_s < end_s")
-        if has_split:
+        if "split" in columns:
             split = (_text(values["split"]) or "").lower()
             if split not in SPLITS:
                 raise ConfigError(
@@ -148,19 +178,30 @@ def read_classification_table(uri: str, config: ExperimentConfig) -> list[Labell
                 )
         else:
             split = holdout_split(source, config.finetune.test_fraction)
-        verb = _text(values["verb"]) if has_pair else None
-        obj = _text(values["object"]) if has_pair else None
-        clips.append(LabelledClip(row, listed_uri(source), label, split, start, end, verb, obj))
-    if not clips:
+        rows.append(TableRow(row, listed_uri(source), split, start, end, values))
+    if not rows:
         raise ConfigError(f"{where}: the table has no rows")
     for split in SPLITS:
-        if not any(c.split == split for c in clips):
+        if not any(r.split == split for r in rows):
             how = (
                 "its `split` column"
-                if has_split
+                if "split" in columns
                 else f"the hash hold-out (finetune.test_fraction={config.finetune.test_fraction})"
             )
             raise ConfigError(f"{where}: no {split} row by {how}: training and scoring need both")
+    return rows, columns
+
+
+def read_classification_table(uri: str, config: ExperimentConfig) -> list[LabelledClip]:
+    """Every row of `finetune.labels` (see the module doc), checked; ConfigError names the column."""
+    rows, columns = read_finetune_table(uri, config, "finetune.labels", REQUIRED_COLUMNS, ["label"])
+    has_pair = {"verb", "object"} <= columns
+    clips = []
+    for r in rows:
+        verb = _text(r.values["verb"]) if has_pair else None
+        obj = _text(r.values["object"]) if has_pair else None
+        label = str(_text(r.values["label"]))
+        clips.append(LabelledClip(r.row, r.source_uri, label, r.split, r.start_s, r.end_s, verb, obj))
     return clips
 
 
@@ -182,7 +223,16 @@ def finetune_digest(settings: FinetuneConfig) -> str:
     """The training settings that make two classifiers the same (the table, the pretrained
     version and the registered name are told apart by their own tags)."""
     values = asdict(settings)
-    for key in ("labels", "model_uri", "classifier_name", "log_every"):
+    # the captioner's keys too: finetune-caption has its own digest (videobert/captioning.py)
+    for key in (
+        "labels",
+        "model_uri",
+        "classifier_name",
+        "log_every",
+        "captions",
+        "captioner_name",
+        "captioner",
+    ):
         values.pop(key)
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -207,19 +257,28 @@ def check_decode(config: ExperimentConfig, model_uri: str, metadata: dict[str, A
 
 
 def clip_words(
-    config: ExperimentConfig, clips: list[LabelledClip], codebook_uri: str
+    config: ExperimentConfig, clips: Sequence[VideoWindow], codebook_uri: str
 ) -> tuple[dict[int, np.ndarray], dict[str, str]]:
     """row -> visual words (clip order, inside the row's window) of every clip whose video is
     extracted in the labelled set's tables (`evalset_root` of finetune.labels); and name -> why
     for each window without a clip. Unreadable videos are `unreadable_labelled_videos`'s."""
+    words, _, empty = window_clips(config, str(config.finetune.labels), clips, codebook_uri)
+    return words, empty
+
+
+def window_clips(
+    config: ExperimentConfig, table_uri: str, windows: Sequence[VideoWindow], codebook_uri: str
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray], dict[str, str]]:
+    """`clip_words` of the windows of any fine-tuning table (`table_uri`: its evalset tables),
+    plus row -> the window's clip features [clips, dim] (float16, as extract stores them)."""
     from videobert.codebook import HierarchicalCodebook, default_device
     from videobert.token_shards import features_array
 
-    layout = Layout(evalset_root(config, config.finetune.labels))
+    layout = Layout(evalset_root(config, table_uri))
     manifest = rows_by_video(read_manifest(layout.output, config.s3))
     codebook = HierarchicalCodebook.load(codebook_uri, config.s3).to(default_device())
-    videos: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}  # id -> words, starts, ends
-    for vid in sorted({c.video_id for c in clips}):
+    videos: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = {}
+    for vid in sorted({c.video_id for c in windows}):  # id -> words, features, starts, ends
         if (manifest.get(vid) or {}).get("status") != "ok":
             continue
         table = storage.read_parquet_if_readable(layout.features_file(vid), config.s3)
@@ -227,19 +286,21 @@ def clip_words(
             continue
         table = table.sort_by("clip_index")
         starts, ends = (np.asarray(table[c].to_pylist(), np.float64) for c in ("start_s", "end_s"))
-        videos[vid] = (codebook.assign(features_array(table)), starts, ends)
-    words, empty = {}, {}
-    for clip in clips:
+        features = features_array(table)
+        videos[vid] = (codebook.assign(features), features, starts, ends)
+    words, features, empty = {}, {}, {}
+    for clip in windows:
         if clip.video_id not in videos:
             continue
-        video_words, starts, ends = videos[clip.video_id]
+        video_words, video_features, starts, ends = videos[clip.video_id]
         window = (clip.start_s or 0.0, math.inf if clip.end_s is None else clip.end_s)
-        keep = [in_window(s, e, *window) for s, e in zip(starts, ends, strict=True)]
-        if any(keep):
+        keep = np.asarray([in_window(s, e, *window) for s, e in zip(starts, ends, strict=True)], bool)
+        if keep.any():
             words[clip.row] = np.asarray(video_words, np.int64)[keep]
+            features[clip.row] = video_features[keep]
         else:
             empty[clip.name] = "no clip has its middle in the window"
-    return words, empty
+    return words, features, empty
 
 
 # ---- the head -------------------------------------------------------------------------------

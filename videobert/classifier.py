@@ -167,34 +167,50 @@ def register_classifier(
 ) -> str:
     """Log and register a classifier version (module doc) as `candidate`, with `tags` (lineage
     and what it was trained on) and `info` in its metadata.json and classes.json; returns it."""
-    from mlflow import MlflowClient
-
-    from videobert.model import load_pretrained, load_weights, save_pretrained
-    from videobert.registry import CANDIDATE
-
     name = config.finetune.classifier_name
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir, inputs_dir = pretrained_files(pretrained, Path(tmp) / "pretrained")
-        files = Path(tmp) / "classifier-files"
-        shutil.copytree(model_dir, files / MODEL_FILES_DIR)
-        if encoder is not None:  # `full`: the fine-tuned encoder replaces the pretrained weights
-            model, vocab = load_pretrained(model_dir)
-            load_weights(model, encoder)
-            save_pretrained(model, vocab, files / MODEL_FILES_DIR)
         metadata = {**pretrained.metadata, "classifier": {"classes": classes, **info}}
-        (files / MODEL_FILES_DIR / "metadata.json").write_text(redact(json.dumps(metadata, indent=2)))
-        (files / MODEL_FILES_DIR / "experiment.yaml").write_text(config_to_yaml(config))
-        save_head(head, classes, info, files / CLASSIFIER_FILES_DIR)
-        artifacts = {
-            "model": str(files / MODEL_FILES_DIR),
-            INPUT_FILES_DIR: str(inputs_dir),
-            CLASSIFIER_FILES_DIR: str(files / CLASSIFIER_FILES_DIR),
-        }
+        artifacts = fine_tuned_files(config, pretrained, encoder, metadata, Path(tmp))
+        save_head(head, classes, info, Path(tmp) / CLASSIFIER_FILES_DIR)
+        artifacts[CLASSIFIER_FILES_DIR] = str(Path(tmp) / CLASSIFIER_FILES_DIR)
         version = log_pyfunc(
             run_id, VideoClassifierPyfunc(), artifacts, classifier_signature(), video_input_example(), name
         )
+    tag_candidate(name, version, tags)
+    return version
+
+
+def fine_tuned_files(
+    config: ExperimentConfig,
+    pretrained: ModelVersionInfo,
+    encoder: dict[str, torch.Tensor] | None,
+    metadata: dict[str, Any],
+    directory: Path,
+) -> dict[str, str]:
+    """A fine-tuned model's `model` and `inputs/` artifacts under `directory`: the pretrained
+    version's files (with `encoder`'s weights when fine-tuned, else its own), `metadata` as
+    metadata.json, and the config as experiment.yaml. Returns the pyfunc's artifacts map."""
+    from videobert.model import load_pretrained, load_weights, save_pretrained
+
+    model_dir, inputs_dir = pretrained_files(pretrained, directory / "pretrained")
+    files = directory / "fine-tuned"
+    shutil.copytree(model_dir, files / MODEL_FILES_DIR)
+    if encoder is not None:  # the fine-tuned encoder replaces the pretrained weights
+        model, vocab = load_pretrained(model_dir)
+        load_weights(model, encoder)
+        save_pretrained(model, vocab, files / MODEL_FILES_DIR)
+    (files / MODEL_FILES_DIR / "metadata.json").write_text(redact(json.dumps(metadata, indent=2)))
+    (files / MODEL_FILES_DIR / "experiment.yaml").write_text(config_to_yaml(config))
+    return {"model": str(files / MODEL_FILES_DIR), INPUT_FILES_DIR: str(inputs_dir)}
+
+
+def tag_candidate(name: str, version: str, tags: dict[str, str]) -> None:
+    """Point `candidate` at a new version of `name` and tag it (lineage, what it was trained on)."""
+    from mlflow import MlflowClient
+
+    from videobert.registry import CANDIDATE
+
     client = MlflowClient()
     client.set_registered_model_alias(name, CANDIDATE, version)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, redact(value))
-    return version

@@ -576,6 +576,55 @@ FINETUNE_MODES = ("linear_probe", "full")
 
 
 @dataclass
+class CaptionerConfig:
+    """The captioner of `videobert finetune-caption` (the paper's §4.6, after Zhou et al. 2018):
+    a transformer encoder-decoder over pooled segment features, with the paper's settings."""
+
+    layers: int = 2
+    """Encoder and decoder layers each."""
+    hidden: int = 128
+    """Hidden size."""
+    heads: int = 8
+    """Attention heads."""
+    dropout: float = 0.4
+    lr: float = 1e-3
+    """Adam learning rate."""
+    batch_size: int = 128
+    """Captioned segments per step (all of them when there are fewer)."""
+    steps: int = 1000
+    """Optimizer steps of each captioner (VideoBERT + S3D and the two baselines)."""
+    max_caption_words: int = 20
+    """Words per caption, in training (longer ones are cut) and in decoding."""
+    min_word_count: int = 1
+    """A training-caption word seen fewer times is <unk>."""
+    beam_size: int = 3
+    """Beam width of decoding (1: greedy)."""
+    freeze_pretrained: bool = True
+    """True: the pretrained VideoBERT stays as registered and the captioners train on fixed
+    features; false: it trains too (`encoder_lr`), inside the VideoBERT captioners' graphs."""
+    encoder_lr: float = 1e-5
+    """Learning rate of the pretrained VideoBERT when `freeze_pretrained` is false."""
+    template: str = "now let's [MASK] the [MASK] to the [MASK], and then [MASK] the [MASK]"
+    """The text the segment's video tokens follow; the mean of its [MASK] outputs is a feature."""
+
+    def __post_init__(self) -> None:
+        if min(self.layers, self.hidden, self.heads, self.batch_size, self.steps) < 1:
+            raise ConfigError("finetune.captioner: layers, hidden, heads, batch_size and steps must be >= 1")
+        if self.hidden % self.heads:
+            raise ConfigError(
+                f"finetune.captioner.hidden ({self.hidden}) must be a multiple of heads ({self.heads})"
+            )
+        if not 0 <= self.dropout < 1 or not self.lr > 0 or not self.encoder_lr > 0:
+            raise ConfigError("finetune.captioner: dropout must be in [0, 1), lr and encoder_lr > 0")
+        if self.max_caption_words < 1 or self.beam_size < 1 or self.min_word_count < 1:
+            raise ConfigError(
+                "finetune.captioner: max_caption_words, beam_size and min_word_count must be >= 1"
+            )
+        if "[MASK]" not in self.template:
+            raise ConfigError("finetune.captioner.template needs at least one [MASK]")
+
+
+@dataclass
 class FinetuneConfig:
     """Classification fine-tuning (`videobert finetune-classify`): a pretrained model, a labelled
     table of videos, and a linear head on the model's pooled video embedding."""
@@ -605,9 +654,18 @@ class FinetuneConfig:
     log_every: int = 10
     """Steps between logged training metrics."""
     seed: int = 0
-    """Seed of the head's initialisation and of the batches."""
+    """Seed of the head's initialisation and of the batches (and of the captioners')."""
+    captions: str | None = None
+    """CSV or Parquet: source_uri, start_s, end_s, caption, optional split (train or test) and
+    object (scored: does the generated caption name it); None: no captioner (`videobert run`
+    skips `finetune-caption`)."""
+    captioner_name: str = "videobert-captioner"
+    """Registered model name of the captioners (`candidate` on each version, `champion` on the best)."""
+    captioner: CaptionerConfig = field(default_factory=CaptionerConfig)
 
     def __post_init__(self) -> None:
+        if not self.captioner_name:
+            raise ConfigError("finetune.captioner_name must be set")
         if self.mode not in FINETUNE_MODES:
             raise ConfigError(f"finetune.mode must be one of {', '.join(FINETUNE_MODES)}, got {self.mode!r}")
         if self.model_uri is not None:

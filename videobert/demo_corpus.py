@@ -18,7 +18,10 @@ When asked (`classes_uri`: `finetune.labels` for `videobert demo-corpus`), a cla
 too: `source_uri, label, split, verb, object` for every generated video, `label` being the
 instruction's "<verb> the <object>" (12 classes by default: what is shown and what is done,
 which zero-shot can score through the template's two masks as well), `split` `test` for the
-labelled videos above (never pretrained on) and `train` for the others.
+labelled videos above (never pretrained on) and `train` for the others. And (`captions_uri`:
+`finetune.captions`) a captions table: per video, its narration's instruction sentence and that
+sentence's time span, `source_uri, start_s, end_s, caption, split, object, verb`, split as the
+classification table.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import importlib.metadata
 import io
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -256,6 +260,12 @@ def narration(video: DemoVideo, spec: DemoSpec) -> list[Cue]:
     return [Cue(0.0, closer_start, instruction), Cue(closer_start, spec.seconds, str(rng.choice(CLOSERS)))]
 
 
+def instruction_cue(video: DemoVideo, cues: list[Cue]) -> Cue:
+    """The narration's sentence over the action: the one that names the object as a whole word
+    ("star" is not in "let's get started.")."""
+    return next(c for c in cues if video.object in re.findall(r"[a-z]+", c.text))
+
+
 def _timestamp(seconds: float) -> str:
     millis = round(seconds * 1000)
     hours, millis = divmod(millis, 3_600_000)
@@ -305,6 +315,7 @@ def labels_csv(
 
 
 CLASSES_HEADER = ("source_uri", "label", "split", "verb", "object")
+CAPTIONS_HEADER = ("source_uri", "start_s", "end_s", "caption", "split", "object", "verb")
 
 
 class _Writer:
@@ -341,25 +352,39 @@ def generate_corpus(
     labels_uri: str | None = None,
     s3: S3Config | None = None,
     classes_uri: str | None = None,
+    captions_uri: str | None = None,
 ) -> CorpusSummary:
     """Write the demo videos, their .vtt narrations, the sample videos and labels.csv (and the
-    classification table at `classes_uri` when given)."""
+    classification table at `classes_uri`, the captions table at `captions_uri` when given)."""
     spec = spec or DemoSpec()
     labels_uri = default_labels_uri(source, labels_uri)
     if storage.is_s3(source):
         storage.check_reachable(source, s3)
     summary = CorpusSummary(source=source, labels_uri=labels_uri)
     writer = _Writer(source, s3)
-    rows, classes = [], []
+    rows, classes, captions = [], [], []
     for video in plan_corpus(spec):
         uri = listed_uri(source, f"{video.stem}.mp4")
         writer.put(uri, encode_mp4(render_frames(video, spec), spec.fps))
-        writer.put(listed_uri(source, f"{video.stem}.vtt"), to_webvtt(narration(video, spec)).encode())
+        cues = narration(video, spec)
+        writer.put(listed_uri(source, f"{video.stem}.vtt"), to_webvtt(cues).encode())
         labelled = video.stem.endswith(f"-{spec.videos_per_class - 1:02d}")  # the class's last
         if labelled:
             rows.append((uri, video.verb, video.object))
         split = "test" if labelled else "train"
         classes.append((uri, f"{video.verb} the {video.object}", split, video.verb, video.object))
+        instruction = instruction_cue(video, cues)
+        captions.append(
+            (
+                uri,
+                f"{instruction.start_s:g}",
+                f"{instruction.end_s:g}",
+                instruction.text,
+                split,
+                video.object,
+                video.verb,
+            )
+        )
         summary.videos += 1
         summary.transcripts += 1
     samples = sample_videos()
@@ -372,6 +397,9 @@ def generate_corpus(
     if classes_uri:
         where = classes_uri if storage.is_s3(classes_uri) else str(Path(classes_uri).resolve())
         writer.put(where, labels_csv(classes, CLASSES_HEADER))
+    if captions_uri:
+        where = captions_uri if storage.is_s3(captions_uri) else str(Path(captions_uri).resolve())
+        writer.put(where, labels_csv(captions, CAPTIONS_HEADER))
     summary.written, summary.unchanged = writer.written, writer.unchanged
     log.info(
         "demo corpus at %s: %d videos, %d samples (%d files written, %d unchanged); labels at %s",

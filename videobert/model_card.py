@@ -224,3 +224,70 @@ def classifier_model_card(name: str) -> str:
         "(`eval.test_top1`). The `pretrained_model` tag of each version names the model it was built on.\n\n"
         "## Use\n\n" + classifier_predict_example(f"models:/{name}@champion")
     )
+
+
+def captioner_predict_example(model_uri: str) -> str:
+    """A markdown snippet that loads the captioner `model_uri` and captions videos."""
+    code = (
+        _load(model_uri) + "\n" + VIDEOS_FRAME + "out = model.predict(videos)  # per video: caption, error\n"
+    )
+    return f"```python\n{code}```\n\n" + UNREADABLE_NOTE.format(what="caption", done="captioned")
+
+
+def captioner_card(
+    name: str,
+    version: str,
+    metadata: dict[str, Any],
+    metrics: dict[str, float] | None = None,
+    eval_run_id: str | None = None,
+) -> str:
+    """The description of one captioner version: the pretrained version it was built on, the
+    captions it was trained on, its held-out metrics next to the S3D-only and VideoBERT-only
+    captioners trained beside it."""
+    info = metadata.get("captioner") or {}
+    segments = info.get("segments") or {}
+    model = info.get("model") or {}
+    lines = [
+        f"# {name} v{version}",
+        "",
+        f"A video captioner: a transformer encoder-decoder ({model.get('layers', '?')} layers, hidden "
+        f"{model.get('hidden', '?')}) over the `{info.get('feature_set', '?')}` features of "
+        f"`{info.get('pretrained_model', '?')}` ({info.get('steps', '?')} steps; decoding: beam "
+        f"{info.get('beam_size', '?')}, at most {info.get('max_caption_words', '?')} words).",
+        "",
+        "## Trained on",
+        "",
+        f"- **Captions:** `{info.get('captions_uri', '?')}` (digest `{info.get('captions_digest', 'unknown')}`): "
+        f"{segments.get('train', '?')} train and {segments.get('test', '?')} test segments.",
+        f"- **Features:** {info.get('input', '?')}.",
+        f'- **Template:** "{info.get("template", "?")}".',
+        f"- **Pretrained model:** `{info.get('pretrained_model', '?')}`, built on:",
+        *(f"  {line}" for line in _trained_on(metadata)),
+        "",
+        "## Evaluation (held-out segments)",
+        "",
+        "`test_*`: this captioner; `s3d_*` / `videobert_*` / `videobert_s3d_*`: the three captioners "
+        "trained side by side in the same run (pycocoevalcap, micro-averaged).",
+        "",
+        *_evaluation(metrics or {}, eval_run_id),
+        "",
+        "## Use",
+        "",
+    ]
+    return "\n".join(lines) + "\n" + captioner_predict_example(f"models:/{name}/{version}")
+
+
+def captioner_model_card(name: str) -> str:
+    """The description of the registered captioners."""
+    return (
+        f"# {name}\n\n"
+        "Video captioners made by `videobert finetune-caption` (the VideoBERT paper's §4.6): a "
+        "transformer encoder-decoder over a pretrained VideoBERT's segment features (mean of the "
+        "video-token outputs, mean of the masked template outputs) and the mean S3D clip feature, "
+        "trained on a captions table (`finetune.captions`). Each version carries the pretrained "
+        "model's files (encoder, codebook, tokenizer, decode settings), its own weights, caption "
+        "words and decode settings, so `predict` takes raw video.\n\n"
+        "Aliases: `candidate` is the newest version; `champion` the one with the best held-out CIDEr "
+        "(`eval.test_cider`). The `pretrained_model` tag of each version names the model it was built on.\n\n"
+        "## Use\n\n" + captioner_predict_example(f"models:/{name}@champion")
+    )

@@ -133,6 +133,18 @@ def _seconds(value: Any) -> float | None:
 
 def predict_videos(embedder: VideoFileEmbedder, frame: pd.DataFrame) -> pd.DataFrame:
     """The video interface: one output row per input row (see VideoBertPyfunc)."""
+    videos, invalid = video_requests(frame)
+    results = {r["video_id"]: r for r in embedder(videos)} if videos else {}
+    rows = [results.get(str(row), {"error": invalid.get(str(row))}) for row in range(len(frame))]
+    # Object columns: a missing value stays None (null in JSON), never pandas' NaN.
+    columns = {name: pd.Series([r.get(name) for r in rows], dtype=object) for name in VIDEO_OUTPUT_COLUMNS}
+    columns["num_clips"] = pd.Series([int(r.get("num_clips") or 0) for r in rows], dtype=np.int64)
+    return pd.DataFrame(columns)
+
+
+def video_requests(frame: pd.DataFrame) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """A `video` [+ start_s, end_s] frame -> the videos to decode (video_id: the row number as
+    text) and row -> why for each row that names no valid video or window."""
     videos, invalid = [], {}
     for row, uri in enumerate(frame["video"].tolist()):
         start = _seconds(frame["start_s"].iloc[row]) if "start_s" in frame else None
@@ -145,12 +157,7 @@ def predict_videos(embedder: VideoFileEmbedder, frame: pd.DataFrame) -> pd.DataF
             invalid[str(row)] = f"window: need 0 <= start_s < end_s, got start_s={start}, end_s={end}"
         else:
             videos.append({"video_id": str(row), "source_uri": uri, "start_s": start, "end_s": end})
-    results = {r["video_id"]: r for r in embedder(videos)} if videos else {}
-    rows = [results.get(str(row), {"error": invalid.get(str(row))}) for row in range(len(frame))]
-    # Object columns: a missing value stays None (null in JSON), never pandas' NaN.
-    columns = {name: pd.Series([r.get(name) for r in rows], dtype=object) for name in VIDEO_OUTPUT_COLUMNS}
-    columns["num_clips"] = pd.Series([int(r.get("num_clips") or 0) for r in rows], dtype=np.int64)
-    return pd.DataFrame(columns)
+    return videos, invalid
 
 
 def _token_types(ids: np.ndarray, vocab: JointVocab) -> np.ndarray:

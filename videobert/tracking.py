@@ -196,8 +196,13 @@ class MetricsLogger:
         self.client.log_batch(self.run_id, metrics=batch)
 
 
-def log_loss_curve(run_id: str) -> None:
-    """A PNG of the losses over steps, from the run's metric history."""
+def log_loss_curve(
+    run_id: str,
+    keys: tuple[str, ...] = LOSS_CURVE_KEYS,
+    title: str = "VideoBERT pretraining",
+    artifact: str = "loss_curve.png",
+) -> None:
+    """A PNG of the losses (`keys`) over steps, from the run's metric history."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -206,16 +211,16 @@ def log_loss_curve(run_id: str) -> None:
 
     client = mlflow.MlflowClient()
     figure, axis = plt.subplots(figsize=(7, 4))
-    for key in LOSS_CURVE_KEYS:
+    for key in keys:
         history = sorted(client.get_metric_history(run_id, key), key=lambda m: m.step)
         if history:
             axis.plot([m.step for m in history], [m.value for m in history], label=key)
     axis.set_xlabel("step")
     axis.set_ylabel("loss")
-    axis.set_title("VideoBERT pretraining")
+    axis.set_title(title)
     axis.legend()
     figure.tight_layout()
-    client.log_figure(run_id, figure, "loss_curve.png")
+    client.log_figure(run_id, figure, artifact)
     plt.close(figure)
 
 
