@@ -18,6 +18,7 @@ STAGES = {
     "finetune-caption": "finetune_caption",
     "run": "run",
     "demo-corpus": "demo_corpus",
+    "show": "show",
 }
 
 

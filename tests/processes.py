@@ -48,3 +48,65 @@ def killing(fragment: str, every: bool = False) -> Iterator[list[int]]:
     finally:
         stop.set()
         killer.join(timeout=5)
+
+
+@contextlib.contextmanager
+def model_server(model_uri: str, tracking_uri: str, timeout: float = 240.0) -> Iterator[str]:
+    """A live `mlflow models serve -m <model_uri>` on 127.0.0.1 (this venv, no new env), its
+    registry at `tracking_uri`; yields its base URL once /ping answers."""
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    bin_dir = Path(sys.executable).parent  # the server runs `uvicorn` from PATH: this venv's
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    mlflow_bin = str(bin_dir / "mlflow")
+    command = [mlflow_bin, "models", "serve", "-m", model_uri, "--env-manager", "local"]
+    command += ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if server.poll() is not None:
+                    log.seek(0)
+                    raise RuntimeError(
+                        f"mlflow models serve exited {server.returncode}:\n{log.read()[-4000:]!r}"
+                    )
+                try:
+                    with urllib.request.urlopen(f"{url}/ping", timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            yield url
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
+
+
+def post_json(url: str, payload: dict) -> dict:
+    """POST `payload` as JSON; the decoded JSON answer."""
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, json.dumps(payload).encode(), headers={"Content-Type": "application/json"}, method="POST"
+    )
+    with urllib.request.urlopen(request, timeout=300) as response:
+        return json.loads(response.read())

@@ -340,3 +340,23 @@ def test_demo_captions_are_the_instruction_sentences() -> None:
         cue = instruction_cue(video, narration(video, spec))
         assert cue.text == f"now let me show you how to {video.verb} the {video.object}.", cue
         assert 0 <= cue.start_s < cue.end_s <= spec.seconds
+
+
+def test_mlflow_models_serve_captions_a_video_uri_over_http(captioned, evaluated: Evaluated) -> None:
+    """`mlflow models serve -m models:/videobert-captioner@champion`, a real server: a video
+    path posted as JSON gets the caption that the loaded pyfunc gives it; an unreadable file an
+    error row, not a failed request."""
+    from tests.processes import model_server, post_json
+
+    config, _ = captioned
+    use_tracking_uri(config.mlflow.tracking_uri)
+    video = str(Path(config.source) / "in1.mp4")
+    notes = next(u for u, why in evaluated.unreadable.items() if why == "decode")
+    expected = mlflow.pyfunc.load_model(f"models:/{CAPTIONER}@{CHAMPION}").predict(
+        pd.DataFrame({"video": [video], "start_s": [0.0], "end_s": [3.5]})
+    )
+    with model_server(f"models:/{CAPTIONER}@{CHAMPION}", config.mlflow.tracking_uri) as url:
+        frame = {"columns": ["video", "start_s", "end_s"], "data": [[video, 0.0, 3.5], [notes, None, None]]}
+        rows = post_json(f"{url}/invocations", {"dataframe_split": frame})["predictions"]
+    assert rows[0]["caption"] == expected["caption"][0] and rows[0].get("error") is None
+    assert rows[1].get("caption") is None and rows[1]["error"].startswith("decode:")

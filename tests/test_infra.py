@@ -34,7 +34,7 @@ from tests.conftest import BIN, free_port, wait_for_http
 REPO = Path(__file__).resolve().parent.parent
 IMAGE_ROOT = "/app/"  # WORKDIR of infra/Dockerfile: the repo's files live here in the image
 MANIFESTS = sorted((REPO / "infra").rglob("*.yaml")) + [REPO / "ray_cluster.yaml"]
-JOB_STAGES = [stage for stage in STAGES if stage != "demo-corpus"]  # demo-corpus is local-only
+JOB_STAGES = [stage for stage in STAGES if stage not in ("demo-corpus", "show")]  # local-only
 
 
 def load_all(path: Path) -> list[Any]:

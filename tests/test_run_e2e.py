@@ -169,3 +169,25 @@ def test_run_fine_tunes_a_captioner_that_beats_s3d_alone(demo_run):
         if not metrics[metric] >= bound(metrics)
     ]
     assert not failed, "; ".join(failed)
+
+
+def test_show_prints_held_out_predictions_next_to_the_truth(demo_run, capsys):
+    """`videobert show` (the end of ./scripts/demo.sh): the registered champions, loaded as a
+    user would, label and caption a few held-out videos; each line has the truth beside it."""
+    from pipelines import show
+
+    _, overrides, _ = demo_run
+    config = load_config(REPO / "configs/demo.yaml", overrides)
+    shown = show.run(config)
+    printed = capsys.readouterr().out
+    assert len(shown) == config.demo.show_videos
+    for video in shown:
+        assert video.error is None, video
+        assert video.true_label and video.predicted_label and video.true_caption and video.generated_caption
+        assert f"truth: {video.true_label}" in printed and video.generated_caption in printed
+    # Held-out means the classification table's test split: never pretrained or fine-tuned on.
+    labelled = {
+        str(Path(uri).resolve())
+        for uri in read_labels(config.evaluate.labels, config)["source_uri"].to_pylist()
+    }
+    assert {video.video for video in shown} <= labelled

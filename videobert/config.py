@@ -692,6 +692,9 @@ class DemoConfig:
     """Videos per (object, action) pair."""
     seed: int = 0
     """Seed for every per-video variation (background, position, speed, fillers)."""
+    show_videos: int = 4
+    """`videobert show` (the end of ./scripts/demo.sh): held-out videos whose predicted label
+    and generated caption are printed next to the truth."""
 
     # len(OBJECTS) and len(ACTIONS) of videobert.demo_corpus, copied because that module needs
     # av and PIL and the config must load without them; tests/test_demo_corpus.py pins them.
@@ -705,6 +708,8 @@ class DemoConfig:
             raise ConfigError(f"demo.actions must be in 1..{self.available_actions}, got {self.actions}")
         if self.videos_per_class < 1:
             raise ConfigError(f"demo.videos_per_class must be >= 1, got {self.videos_per_class}")
+        if self.show_videos < 0:
+            raise ConfigError(f"demo.show_videos must be >= 0, got {self.show_videos}")
 
 
 @dataclass
