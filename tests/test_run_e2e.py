@@ -184,7 +184,7 @@ def test_show_prints_held_out_predictions_next_to_the_truth(demo_run, capsys):
     for video in shown:
         assert video.error is None, video
         assert video.true_label and video.predicted_label and video.true_caption and video.generated_caption
-        assert f"truth: {video.true_label}" in printed and video.generated_caption in printed
+        assert f"truth: {video.true_label})" in printed and video.generated_caption in printed
     # Held-out means the classification table's test split: never pretrained or fine-tuned on.
     labelled = {
         str(Path(uri).resolve())

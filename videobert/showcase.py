@@ -103,47 +103,43 @@ def champion_model(model_name: str) -> Any | None:
     return mlflow.pyfunc.load_model(f"models:/{model_name}@{CHAMPION}")
 
 
+def _predict(model: Any, windows: list[tuple[str, float | None, float | None]]) -> pd.DataFrame:
+    """`model.predict` on (video, start_s, end_s) rows, as a user calls a registered model."""
+    frame = pd.DataFrame(windows, columns=["video", "start_s", "end_s"])
+    # No window is NaN, as the logged signature's optional double columns expect.
+    return model.predict(frame.astype({"start_s": "float64", "end_s": "float64"}))
+
+
 def predict_shown(config: ExperimentConfig, shown: list[ShownVideo]) -> list[ShownVideo]:
     """Fill in each video's predicted label and generated caption from the registered champions."""
     classifier = champion_model(config.finetune.classifier_name) if config.finetune.labels else None
     if classifier is not None and shown:
-        frame = pd.DataFrame(
-            {
-                "video": [s.video for s in shown],
-                "start_s": [s.start_s for s in shown],
-                "end_s": [s.end_s for s in shown],
-            }
-        )
-        for video, (_, out) in zip(shown, classifier.predict(frame).iterrows(), strict=True):
-            video.predicted_label, video.error = out["label"], out["error"] or video.error
+        out = _predict(classifier, [(s.video, s.start_s, s.end_s) for s in shown])
+        for video, label, error in zip(shown, out["label"], out["error"], strict=True):
+            video.predicted_label, video.error = label, error or video.error
     captioner = champion_model(config.finetune.captioner_name) if config.finetune.captions else None
     with_caption = [s for s in shown if s.true_caption is not None]
     if captioner is not None and with_caption:
-        frame = pd.DataFrame(
-            {
-                "video": [s.video for s in with_caption],
-                "start_s": [s.caption_start_s for s in with_caption],
-                "end_s": [s.caption_end_s for s in with_caption],
-            }
-        )
-        for video, (_, out) in zip(with_caption, captioner.predict(frame).iterrows(), strict=True):
-            video.generated_caption, video.error = out["caption"], out["error"] or video.error
+        out = _predict(captioner, [(s.video, s.caption_start_s, s.caption_end_s) for s in with_caption])
+        for video, caption, error in zip(with_caption, out["caption"], out["error"], strict=True):
+            video.generated_caption, video.error = caption, error or video.error
     return shown
 
 
 def format_shown(shown: list[ShownVideo]) -> str:
-    """A plain-text table: video, true and predicted label, true and generated caption."""
+    """Plain text, a block per video: the predicted label (right or wrong) and the generated
+    caption, each with its truth."""
     if not shown:
         return "no held-out video to show (set finetune.labels or finetune.captions)"
     lines = []
     for video in shown:
-        name = video.video.rsplit("/", 1)[-1]
-        lines.append(f"{name}")
+        lines.append(video.video.rsplit("/", 1)[-1])
         if video.true_label is not None:
-            mark = "ok " if video.predicted_label == video.true_label else "   "
-            lines.append(f"  {mark}label:   {video.predicted_label!s:<28} truth: {video.true_label}")
+            verdict = "right" if video.predicted_label == video.true_label else "wrong"
+            lines.append(f"  label:      {video.predicted_label}  ({verdict}; truth: {video.true_label})")
         if video.true_caption is not None:
-            lines.append(f"     caption: {video.generated_caption!s:<28} truth: {video.true_caption}")
+            lines.append(f"  caption:    {video.generated_caption}")
+            lines.append(f"  its truth:  {video.true_caption}")
         if video.error:
-            lines.append(f"     error:   {video.error}")
+            lines.append(f"  error:      {video.error}")
     return "\n".join(lines)
