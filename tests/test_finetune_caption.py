@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pipelines import finetune_caption
 from pipelines.common import EXIT_CONFIG
@@ -360,3 +361,29 @@ def test_mlflow_models_serve_captions_a_video_uri_over_http(captioned, evaluated
         rows = post_json(f"{url}/invocations", {"dataframe_split": frame})["predictions"]
     assert rows[0]["caption"] == expected["caption"][0] and rows[0].get("error") is None
     assert rows[1].get("caption") is None and rows[1]["error"].startswith("decode:")
+
+
+def test_beam_search_does_not_stop_at_the_first_short_hypotheses() -> None:
+    """12 captions sharing a long prefix: hypotheses that skip a word and end early finish
+    first. Beam search must still return the likelier full caption (a regression: it once
+    stopped as soon as `beam` hypotheses had finished, and captioned "now let me ring")."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    verbs, objects = ["slide", "lift", "spin"], ["circle", "square", "star", "ring"]
+    classes = rng.integers(0, 12, 48)
+    features = torch.randn(48, 64) + 3 * F.one_hot(torch.as_tensor(classes), 64).float()
+    captions = [f"now let me show you how to {verbs[c % 3]} the {objects[c // 3]}." for c in classes]
+    vocab = cap.CaptionVocab.build(captions)
+    targets = cap.caption_tensor(vocab, captions, 20)
+    model = cap.CaptionModel([64], len(vocab))
+    model.standardise_with(features)
+    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
+    for _ in range(200):
+        loss = cap.caption_loss(model, features, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    truth = [" ".join(cap.caption_words(c)) for c in captions[:8]]
+    assert [vocab.decode(i) for i in cap.greedy_decode(model, features[:8], 20)] == truth
+    assert [vocab.decode(i) for i in cap.beam_decode(model, features[:8], 20, 3)] == truth

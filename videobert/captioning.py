@@ -374,9 +374,9 @@ def greedy_decode(model: CaptionModel, features: torch.Tensor, max_words: int) -
 
 @torch.no_grad()
 def beam_decode(model: CaptionModel, features: torch.Tensor, max_words: int, beam: int) -> list[list[int]]:
-    """Beam search per segment: `beam` hypotheses extended by their `beam` best words; a
-    hypothesis ends at <eos>; the finished one with the best mean log-probability per token
-    wins (with `beam` 1 this is `greedy_decode`)."""
+    """Beam search per segment: `beam` hypotheses extended by their `beam` best words until
+    every one has ended (<eos>) or reached `max_words`; the finished one with the best mean
+    log-probability per token wins (with `beam` 1 this is `greedy_decode`)."""
     memory = model.encode(features)
     results = []
     for n in range(len(features)):
@@ -399,7 +399,9 @@ def beam_decode(model: CaptionModel, features: torch.Tensor, max_words: int, bea
                 (finished if seq[-1] == EOS else alive).append((seq, score))
                 if len(alive) == beam:
                     break
-            if not alive or len(finished) >= beam:
+            # No early stop once `beam` hypotheses have finished: short ones that ended early
+            # (a skipped word, then <eos>) would win by default over the longer, likelier ones.
+            if not alive:
                 break
         pool = finished or alive
         best = max(pool, key=lambda c: c[1] / (len(c[0]) - 1))
