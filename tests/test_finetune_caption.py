@@ -244,6 +244,22 @@ def _tiny_world(seed: int = 0) -> tuple[torch.Tensor, list[str]]:
     return features, [c for c in captions for _ in range(4)]
 
 
+def _fit(
+    model: cap.CaptionModel, features: torch.Tensor, targets: torch.Tensor, steps: int, lr: float
+) -> list[float]:
+    """Full-batch Adam on the caption loss; the loss of every step."""
+    optimizer = torch.optim.Adam(model.parameters(), lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = cap.caption_loss(model, features, targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses
+
+
 def test_captioner_learns_a_tiny_mapping_and_beam_one_is_greedy() -> None:
     features, captions = _tiny_world()
     vocab = cap.CaptionVocab.build(captions)
@@ -251,15 +267,7 @@ def test_captioner_learns_a_tiny_mapping_and_beam_one_is_greedy() -> None:
     torch.manual_seed(0)
     model = cap.CaptionModel([8, 4], len(vocab), hidden=32, layers=1, heads=4, dropout=0.1, max_words=12)
     model.standardise_with(features)
-    optimizer = torch.optim.Adam(model.parameters(), 3e-3)
-    losses = []
-    for _ in range(120):
-        model.train()
-        loss = cap.caption_loss(model, features, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    losses = _fit(model, features, targets, steps=120, lr=3e-3)
     assert losses[-1] < 0.2 * losses[0], (losses[0], losses[-1])
     model.eval()
     greedy = cap.greedy_decode(model, features, 12)
@@ -377,12 +385,7 @@ def test_beam_search_does_not_stop_at_the_first_short_hypotheses() -> None:
     targets = cap.caption_tensor(vocab, captions, 20)
     model = cap.CaptionModel([64], len(vocab))
     model.standardise_with(features)
-    optimizer = torch.optim.Adam(model.parameters(), 1e-3)
-    for _ in range(200):
-        loss = cap.caption_loss(model, features, targets)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    _fit(model, features, targets, steps=200, lr=1e-3)
     model.eval()
     truth = [" ".join(cap.caption_words(c)) for c in captions[:8]]
     assert [vocab.decode(i) for i in cap.greedy_decode(model, features[:8], 20)] == truth
