@@ -133,7 +133,7 @@ def run(
     from ray.train.torch import TorchTrainer
 
     from videobert import training
-    from videobert.evaluation import in_holdout
+    from videobert.evaluation import held_out_video_ids
     from videobert.model import JointVocab
     from videobert.registry import CANDIDATE, already_trained, champion_to_continue_from, register_pretrained
     from videobert.text_tokenizer import TextTokenizer
@@ -164,9 +164,9 @@ def run(
     fs, _ = storage.filesystem(tokens.tokens_uri, config.s3)
     paths = [storage.filesystem(f.uri, config.s3)[1] for f in tokens.files]
     dataset = ray.data.read_parquet(paths, filesystem=fs, columns=token_columns(config))
-    fraction = config.evaluate.holdout_fraction
-    if fraction > 0:  # the videos evaluate holds out never reach training
-        dataset = dataset.filter(lambda row: not in_holdout(row["video_id"], fraction))
+    held_out = held_out_video_ids(config)
+    if held_out:  # the videos evaluate holds out never reach training
+        dataset = dataset.filter(lambda row: row["video_id"] not in held_out)
 
     storage_fs, storage_path = storage.arrow_location(
         config.train.storage_path or Layout(config.output).train, config.s3

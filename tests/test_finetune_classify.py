@@ -21,7 +21,7 @@ from tests.labelled_world import Evaluated
 from videobert.classification import TEST, TRAIN, holdout_split, read_classification_table
 from videobert.classifier import LINEAGE_TAG
 from videobert.config import ConfigError, FinetuneConfig, load_config
-from videobert.evaluation import evalset_root
+from videobert.evaluation import evalset_root, holdout_key
 from videobert.registry import CANDIDATE, CHAMPION, alias_version
 from videobert.tables import read_manifest
 from videobert.tracking import use_tracking_uri
@@ -123,7 +123,7 @@ def test_split_by_column_or_by_video_hash(tmp_path: Path) -> None:
     table = tmp_path / "classes.csv"
     uris = [f"/videos/v{i}.mp4" for i in range(200)]
     table.write_text("source_uri,label\n" + "".join(f"{u},a\n{u},b\n" for u in uris))
-    config = load_config(None, [f"output={tmp_path}", "finetune.test_fraction=0.25"])
+    config = load_config(None, [f"output={tmp_path}", "source=/videos", "finetune.test_fraction=0.25"])
     clips = read_classification_table(str(table), config)
     by_video: dict[str, set[str]] = {}
     for clip in clips:
@@ -131,7 +131,13 @@ def test_split_by_column_or_by_video_hash(tmp_path: Path) -> None:
     assert all(len(splits) == 1 for splits in by_video.values())  # both rows of a video on one side
     held = sum(splits == {TEST} for splits in by_video.values())
     assert 30 <= held <= 70, held  # about a quarter of 200 videos
-    assert [holdout_split(u, 0.25) for u in uris] == [holdout_split(u, 0.25) for u in uris]
+    # The split hashes the path under the corpus root: the same wherever the corpus lives.
+    moved = [u.replace("/videos/", "s3://bucket/corpus/") for u in uris]
+    assert [holdout_split(u, 0.25, "/videos") for u in uris] == [
+        holdout_split(u, 0.25, "s3://bucket/corpus/") for u in moved
+    ]
+    assert holdout_key("/videos/a/v1.mp4", "/videos") == "a/v1.mp4"
+    assert holdout_key("/elsewhere/v1.mp4", "/videos") == "/elsewhere/v1.mp4"
     table.write_text("source_uri,label,split\n/videos/v0.mp4,a,Test\n/videos/v0.mp4,b,train\n")
     assert [c.split for c in read_classification_table(str(table), config)] == [TEST, TRAIN]
 

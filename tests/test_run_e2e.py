@@ -29,6 +29,10 @@ from videobert.tracking import tracking_uri, use_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 
+# The whole demo run is the module fixture's setup: 520-580 s idle on 2 cores, over the suite's
+# 600 s per-test limit on a busy machine.
+pytestmark = pytest.mark.timeout(1500)
+
 
 @pytest.fixture(scope="module")
 def demo_run(ray_cluster, tmp_path_factory):
@@ -96,9 +100,10 @@ def test_run_trains_a_champion_that_learned_objects(demo_run):
 # Zero-shot verbs are not here: the goal (2x chance) is not reached yet (README, "Results").
 GOALS = {
     "zero_shot_object_top1": ("at least 3x chance", lambda t: 3 * t["zero_shot_object_chance"]),
-    # Measured 0.93-0.95 on data/demo's paths (3 seeds) but 0.86 in one CI run: the hold-out
-    # is by a hash of each video's URI, so every tmp path draws other held-out videos.
-    "alignment_auc_named": ("at least 0.84", lambda t: 0.84),
+    # The hold-out hashes each video's path under `source`, so this test holds out the same
+    # videos as ./scripts/demo.sh on data/demo: 0.949 there (R@1 0.267, 7.8x chance). Before,
+    # it hashed the whole URI and every tmp path drew other videos (0.86-0.95, R@1 0.10-0.20).
+    "alignment_auc_named": ("at least 0.88", lambda t: 0.88),
     "retrieval_recall_at_1_named": (
         "at least 5x chance",
         lambda t: 5 * t["retrieval_chance_recall_at_1_named"],

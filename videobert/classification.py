@@ -51,7 +51,15 @@ from torch import nn
 
 from videobert import storage
 from videobert.config import ConfigError, ExperimentConfig, FinetuneConfig, S3Config
-from videobert.evaluation import ZeroShotItem, evalset_root, in_holdout, listed_uri, read_labels, zero_shot
+from videobert.evaluation import (
+    ZeroShotItem,
+    evalset_root,
+    holdout_key,
+    in_holdout,
+    listed_uri,
+    read_labels,
+    zero_shot,
+)
 from videobert.metrics import confusion_matrix, top_k_accuracy
 from videobert.tables import Layout, read_manifest, video_id
 from videobert.videos import in_window, rows_by_video
@@ -105,10 +113,11 @@ class LabelledClip(VideoWindow):
     object: str | None = None
 
 
-def holdout_split(source_uri: str, test_fraction: float) -> str:
-    """`test` for a deterministic `test_fraction` of videos (by the hash of the video id), else
-    `train`: every window of a video on one side, the same side on every run."""
-    return TEST if in_holdout(video_id(listed_uri(source_uri)), test_fraction) else TRAIN
+def holdout_split(source_uri: str, test_fraction: float, source: str) -> str:
+    """`test` for a deterministic `test_fraction` of videos (by the hash of the video's path
+    under the corpus root `source`: `evaluation.holdout_key`), else `train`: every window of a
+    video on one side, the same side on every run and wherever the corpus lives."""
+    return TEST if in_holdout(holdout_key(source_uri, source), test_fraction) else TRAIN
 
 
 def _text(value: Any) -> str | None:
@@ -177,7 +186,7 @@ def read_finetune_table(
                     f"(expected {' or '.join(SPLITS)}; drop the column for a hold-out by video hash)"
                 )
         else:
-            split = holdout_split(source, config.finetune.test_fraction)
+            split = holdout_split(source, config.finetune.test_fraction, config.source)
         rows.append(TableRow(row, listed_uri(source), split, start, end, values))
     if not rows:
         raise ConfigError(f"{where}: the table has no rows")

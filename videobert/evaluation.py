@@ -52,12 +52,35 @@ from videobert.videos import is_up_to_date, relinked_rows, rows_by_video, videos
 ZERO_SHOT_PREFIX = "now let me show you how to"
 
 
-def in_holdout(video_id: str, fraction: float) -> bool:
-    """Deterministic split by video: the same videos are held out by pretrain and evaluate."""
+def in_holdout(key: str, fraction: float) -> bool:
+    """Deterministic split by video (`key`: its `holdout_key`): the same videos are held out by
+    pretrain and evaluate, on every run."""
     if fraction <= 0:
         return False
-    bucket = int(hashlib.sha256(video_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    bucket = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
     return bucket < fraction
+
+
+def holdout_key(source_uri: str, source: str) -> str:
+    """What the hash hold-out hashes: the video's path under the corpus root `source`, so the
+    split is the same wherever the corpus lives (a local directory, a bucket, another checkout
+    or temporary directory); the whole URI for a video outside `source`."""
+    root, uri = listed_uri(source).rstrip("/") + "/", listed_uri(source_uri)
+    return uri.removeprefix(root)
+
+
+def held_out_video_ids(config: ExperimentConfig) -> set[str]:
+    """The video_ids of the corpus's hash hold-out (`evaluate.holdout_fraction`), from the
+    manifest's source URIs: pretraining never sees them and evaluate scores them."""
+    fraction = config.evaluate.holdout_fraction
+    if fraction <= 0:
+        return set()
+    manifest = read_manifest(config.output, config.s3).select(["video_id", "source_uri"]).to_pylist()
+    return {
+        row["video_id"]
+        for row in manifest
+        if in_holdout(holdout_key(row["source_uri"], config.source), fraction)
+    }
 
 
 def joint_example(
@@ -553,7 +576,8 @@ def evaluate_model(
     max_len = int(meta.get("max_seq_len", config.model.max_seq_len))
     codebook_version, tokenizer_version = meta["codebook_version"], meta["tokenizer_version"]
     tokens = read_tokens(config.output, codebook_version, tokenizer_version, config.s3)
-    held = [in_holdout(v, config.evaluate.holdout_fraction) for v in tokens["video_id"].to_pylist()]
+    held_out = held_out_video_ids(config)
+    held = [v in held_out for v in tokens["video_id"].to_pylist()]
     holdout = tokens.filter(pa.array(held, pa.bool_()))
     items: list[ZeroShotItem] = []
     unscored: dict[str, str] = {}

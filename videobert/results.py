@@ -234,7 +234,9 @@ def train_digest(config: ExperimentConfig) -> str:
         "model": asdict(config.model),
         "examples": asdict(config.examples),
         "train": asdict(config.train),
-        "holdout": config.evaluate.holdout_fraction,
+        # Which videos are held out: the fraction, and since the split hashes each video's path
+        # under `source` (not its whole URI), a marker that keeps older runs apart.
+        "holdout": [config.evaluate.holdout_fraction, "path-under-source"],
     }
     settings["train"].pop("run_name", None)
     if settings["model"].get("video_input") == "tokens":  # the default: digests from before it stay

@@ -56,7 +56,7 @@ def _test_caption_rows(config: ExperimentConfig) -> list[dict[str, Any]]:
     for row in table:
         split = str(row.get("split") or "").strip().lower()
         if not split:
-            split = holdout_split(str(row["source_uri"]), config.finetune.test_fraction)
+            split = holdout_split(str(row["source_uri"]), config.finetune.test_fraction, config.source)
         if split == TEST:
             rows.append({**row, "source_uri": listed_uri(str(row["source_uri"]))})
     return rows
