@@ -66,9 +66,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_for_http(url: str, timeout: float = 60.0) -> None:
+def wait_for_http(url: str, timeout: float = 60.0, server: subprocess.Popen | None = None) -> None:
+    """Until `url` answers; a `server` process that exits first raises ServerExited at once."""
     deadline = time.monotonic() + timeout
     while True:
+        if server is not None and server.poll() is not None:
+            raise ServerExited(f"the server for {url} exited with code {server.returncode}")
         try:
             with urllib.request.urlopen(url, timeout=2):
                 return
@@ -78,6 +81,10 @@ def wait_for_http(url: str, timeout: float = 60.0) -> None:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.3)
+
+
+class ServerExited(RuntimeError):
+    """A server process ended before it answered."""
 
 
 @pytest.fixture(scope="session")
@@ -185,7 +192,7 @@ def ray_cluster(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     address = f"127.0.0.1:{port}"
     dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     try:
-        wait_for_http(f"{dashboard_url}/api/version", timeout=120)
+        wait_for_http(f"{dashboard_url}/api/version", timeout=120, server=head)
         os.environ["RAY_ADDRESS"] = address
         ray.init(address=address, log_to_driver=True)
         yield RayCluster(address=address, dashboard_url=dashboard_url, env=env)
@@ -230,7 +237,7 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        wait_for_http(f"{uri}/health", timeout=120)
+        wait_for_http(f"{uri}/health", timeout=120, server=process)
         yield uri
     finally:
         process.terminate()

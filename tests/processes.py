@@ -54,15 +54,13 @@ def killing(fragment: str, every: bool = False) -> Iterator[list[int]]:
 def model_server(model_uri: str, tracking_uri: str, timeout: float = 240.0) -> Iterator[str]:
     """A live `mlflow models serve -m <model_uri>` on 127.0.0.1 (this venv, no new env), its
     registry at `tracking_uri`; yields its base URL once /ping answers."""
-    import socket
     import subprocess
     import sys
     import tempfile
-    import urllib.request
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    from tests.conftest import ServerExited, free_port, wait_for_http
+
+    port = free_port()
     bin_dir = Path(sys.executable).parent  # the server runs `uvicorn` from PATH: this venv's
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "MLFLOW_REGISTRY_URI": tracking_uri}
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
@@ -75,20 +73,11 @@ def model_server(model_uri: str, tracking_uri: str, timeout: float = 240.0) -> I
         )
         url = f"http://127.0.0.1:{port}"
         try:
-            deadline = time.monotonic() + timeout
-            while True:
-                if server.poll() is not None:
-                    log.seek(0)
-                    raise RuntimeError(
-                        f"mlflow models serve exited {server.returncode}:\n{log.read()[-4000:]!r}"
-                    )
-                try:
-                    with urllib.request.urlopen(f"{url}/ping", timeout=2):
-                        break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.5)
+            try:
+                wait_for_http(f"{url}/ping", timeout, server)
+            except ServerExited as exited:
+                log.seek(0)
+                raise RuntimeError(f"{exited}:\n{log.read()[-4000:]!r}") from None
             yield url
         finally:
             with contextlib.suppress(ProcessLookupError):

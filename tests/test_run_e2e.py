@@ -66,6 +66,11 @@ def champion_of(overrides: list[str]):
     return config, client, name, champion, client.get_model_version(name, champion).tags
 
 
+def pretrained_uri(first) -> str:
+    """The version the first run pretrained: what its fine-tuned models must be built on."""
+    return f"models:/{first['pretrain'].model_name}/{first['pretrain'].model_version}"
+
+
 def test_run_trains_a_champion_that_learned_objects(demo_run):
     root, overrides, first = demo_run
     config, client, name, champion, tags = champion_of(overrides)
@@ -142,10 +147,7 @@ def test_run_fine_tunes_a_classifier_that_beats_zero_shot(demo_run):
     videos): after fine-tuning, test top-1 at least the same champion's zero-shot accuracy."""
     root, overrides, first = demo_run
     classifier = first["finetune-classify"]
-    assert (
-        classifier.pretrained_uri
-        == f"models:/{first['pretrain'].model_name}/{first['pretrain'].model_version}"
-    )
+    assert classifier.pretrained_uri == pretrained_uri(first)
     metrics = classifier.metrics
     assert metrics["test_clips"] == 12 and metrics["chance"] == pytest.approx(1 / 12)
     assert metrics["test_top1"] >= metrics["zero_shot_top1"], metrics
@@ -166,10 +168,7 @@ CAPTION_GOALS = {
 def test_run_fine_tunes_a_captioner_that_beats_s3d_alone(demo_run):
     _, _, first = demo_run
     captioner = first["finetune-caption"]
-    assert (
-        captioner.pretrained_uri
-        == f"models:/{first['pretrain'].model_name}/{first['pretrain'].model_version}"
-    )
+    assert captioner.pretrained_uri == pretrained_uri(first)
     metrics = captioner.metrics
     assert metrics["test_segments"] == 12, metrics
     failed = [

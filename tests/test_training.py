@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -12,15 +11,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from tests.conftest import free_port
 from tests.token_corpus import NUM_VISUAL, TEXT_VOCAB, token_table
 
 WORLD = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def rank_main(rank: int, port: int, results: dict, zero_stage: int = 2, video_input: str = "tokens") -> None:
