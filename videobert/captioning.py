@@ -341,6 +341,8 @@ class CaptionModel(nn.Module):
 
 def caption_loss(model: CaptionModel, features: torch.Tensor, captions: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of each next word (teacher forcing), padding ignored."""
+    # Columns of padding only are cut: the batch costs its longest caption, not max_words.
+    captions = captions[:, : int((captions != PAD).sum(1).max())]
     logits = model(features, captions[:, :-1])
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), captions[:, 1:].reshape(-1), ignore_index=PAD
