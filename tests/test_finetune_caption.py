@@ -390,3 +390,22 @@ def test_beam_search_does_not_stop_at_the_first_short_hypotheses() -> None:
     truth = [" ".join(cap.caption_words(c)) for c in captions[:8]]
     assert [vocab.decode(i) for i in cap.greedy_decode(model, features[:8], 20)] == truth
     assert [vocab.decode(i) for i in cap.beam_decode(model, features[:8], 20, 3)] == truth
+
+
+def test_caption_loss_runs_to_the_longest_caption_and_ignores_padding() -> None:
+    """The batch is cut to its longest caption: the decoder sees no all-padding column, and the
+    loss equals the one over the whole padded width (padding is masked and not a target)."""
+    torch.manual_seed(0)
+    model = cap.CaptionModel([4, 3], vocab_size=12, hidden=16, heads=2, max_words=20).eval()
+    features = torch.randn(5, 7)
+    vocab = cap.CaptionVocab.build(["a b c d", "a b", "c d e f g h", "e", "b c"])
+    captions = cap.caption_tensor(vocab, ["a b c d", "a b", "c d e f g h", "e", "b c"], 20)
+    assert captions.shape == (5, 22)
+    widths = []
+    model.register_forward_pre_hook(lambda _, args: widths.append(args[1].shape[1]))
+    loss = cap.caption_loss(model, features, captions)
+    assert widths == [7]  # <bos> + 6 words (the <eos> is only a target)
+    with torch.no_grad():
+        logits = model(features, captions[:, :-1])
+        whole = F.cross_entropy(logits.reshape(-1, 12), captions[:, 1:].reshape(-1), ignore_index=cap.PAD)
+    assert float(loss) == pytest.approx(float(whole), abs=1e-5)
