@@ -398,8 +398,8 @@ def test_caption_loss_runs_to_the_longest_caption_and_ignores_padding() -> None:
     torch.manual_seed(0)
     model = cap.CaptionModel([4, 3], vocab_size=12, hidden=16, heads=2, max_words=20).eval()
     features = torch.randn(5, 7)
-    vocab = cap.CaptionVocab.build(["a b c d", "a b", "c d e f g h", "e", "b c"])
-    captions = cap.caption_tensor(vocab, ["a b c d", "a b", "c d e f g h", "e", "b c"], 20)
+    texts = ["a b c d", "a b", "c d e f g h", "e", "b c"]
+    captions = cap.caption_tensor(cap.CaptionVocab.build(texts), texts, 20)
     assert captions.shape == (5, 22)
     widths = []
     model.register_forward_pre_hook(lambda _, args: widths.append(args[1].shape[1]))

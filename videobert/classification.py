@@ -117,7 +117,9 @@ def holdout_split(source_uri: str, test_fraction: float, source: str) -> str:
     """`test` for a deterministic `test_fraction` of videos (by the hash of the video's path
     under the corpus root `source`: `evaluation.holdout_key`), else `train`: every window of a
     video on one side, the same side on every run and wherever the corpus lives."""
-    return TEST if in_holdout(holdout_key(source_uri, source), test_fraction) else TRAIN
+    return (
+        TEST if in_holdout(holdout_key(listed_uri(source_uri), listed_uri(source)), test_fraction) else TRAIN
+    )
 
 
 def _text(value: Any) -> str | None:

@@ -61,12 +61,12 @@ def in_holdout(key: str, fraction: float) -> bool:
     return bucket < fraction
 
 
-def holdout_key(source_uri: str, source: str) -> str:
-    """What the hash hold-out hashes: the video's path under the corpus root `source`, so the
-    split is the same wherever the corpus lives (a local directory, a bucket, another checkout
-    or temporary directory); the whole URI for a video outside `source`."""
-    root, uri = listed_uri(source).rstrip("/") + "/", listed_uri(source_uri)
-    return uri.removeprefix(root)
+def holdout_key(uri: str, root: str) -> str:
+    """What the hash hold-out hashes: the video's path under the corpus root, so the split is
+    the same wherever the corpus lives (a local directory, a bucket, another checkout or
+    temporary directory); the whole URI for a video outside the root. Both are spelled as
+    `listed_uri` spells them (the manifest's URIs already are)."""
+    return uri.removeprefix(root.rstrip("/") + "/")
 
 
 def held_out_video_ids(config: ExperimentConfig) -> set[str]:
@@ -75,12 +75,9 @@ def held_out_video_ids(config: ExperimentConfig) -> set[str]:
     fraction = config.evaluate.holdout_fraction
     if fraction <= 0:
         return set()
+    root = listed_uri(config.source)
     manifest = read_manifest(config.output, config.s3).select(["video_id", "source_uri"]).to_pylist()
-    return {
-        row["video_id"]
-        for row in manifest
-        if in_holdout(holdout_key(row["source_uri"], config.source), fraction)
-    }
+    return {row["video_id"] for row in manifest if in_holdout(holdout_key(row["source_uri"], root), fraction)}
 
 
 def joint_example(
