@@ -37,7 +37,7 @@ from videobert.config import ConfigError, ExperimentConfig, redact
 from videobert.results import FinetuneResult
 
 if TYPE_CHECKING:
-    from videobert.captioning import CaptionedSegment, TrainedCaptioners
+    from videobert.captioning import CaptionedSegment, CaptionScorer, TrainedCaptioners
 
 log = logging.getLogger("videobert.finetune_caption")
 
@@ -60,12 +60,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 
 def caption_metrics(
-    trained: TrainedCaptioners, test: list[CaptionedSegment]
+    trained: TrainedCaptioners, test: list[CaptionedSegment], scorer: CaptionScorer
 ) -> tuple[dict[str, float], dict[str, str]]:
     """`<set>_<metric>` of every captioner on the test segments (all the captions of a segment's
     window in the table are its references), `<set>_object_named` when the table has objects,
     and metric -> why for those that could not be computed."""
-    from videobert.captioning import METRIC_NAMES, object_named_rate, score_caption_sets
+    from videobert.captioning import METRIC_NAMES, object_named_rate
 
     references: dict[str, list[str]] = {}
     key_of = []
@@ -78,7 +78,7 @@ def caption_metrics(
     sets = {
         name: dict(zip(key_of, captions, strict=True)) for name, captions in trained.test_captions.items()
     }
-    for name, scores in score_caption_sets(references, sets).items():  # one window, one caption
+    for name, scores in scorer.score(references, sets).items():  # one window, one caption
         captions = trained.test_captions[name]
         metrics |= {f"{name}_{m}": scores.metrics[m] for m in METRIC_NAMES if m in scores.metrics}
         missing |= {f"{name}_{m}": why for m, why in scores.missing.items()}
@@ -252,14 +252,14 @@ def run(config: ExperimentConfig) -> FinetuneResult:
     prepared = time.perf_counter() - started
     log.info("training on %d segments (%.1f s to prepare them)", len(train_set), prepared)
     uri = mlflow.get_tracking_uri()
-    trained = train(config, task, run_name)
-    use_tracking_uri(uri)  # Ray Train may have re-pointed MLflow in this process
-    trained_s = time.perf_counter() - started - prepared
-    log.info(
-        "trained (%.1f s; %s)", trained_s, ", ".join(f"{k} {v:.1f} s" for k, v in trained.seconds.items())
-    )
-
-    metrics, missing = caption_metrics(trained, test)
+    with cap.CaptionScorer() as scorer:  # METEOR's Java loads while the captioners train
+        trained = train(config, task, run_name)
+        use_tracking_uri(uri)  # Ray Train may have re-pointed MLflow in this process
+        trained_s = time.perf_counter() - started - prepared
+        log.info(
+            "trained (%.1f s; %s)", trained_s, ", ".join(f"{k} {v:.1f} s" for k, v in trained.seconds.items())
+        )
+        metrics, missing = caption_metrics(trained, test, scorer)
     for metric in (*cap.METRIC_NAMES, "object_named"):
         if f"{cap.REGISTERED}_{metric}" in metrics:
             metrics[f"test_{metric}"] = metrics[f"{cap.REGISTERED}_{metric}"]

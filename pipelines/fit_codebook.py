@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.common import init_ray, stage_main
-from pipelines.ray_stages import map_tasks
+from pipelines.ray_stages import map_tasks, read_parquet_files
 from videobert import storage
 from videobert.codebook import (
     HierarchicalCodebook,
@@ -58,7 +58,7 @@ def sample_features(config: ExperimentConfig, manifest: pa.Table) -> pa.Table:
     paths = [storage.filesystem(f, config.s3)[1] for f in files]
     columns = ["video_id", "clip_index", "start_s", "end_s", "feature"]
     dataset = map_tasks(
-        ray.data.read_parquet(paths, filesystem=fs, columns=columns),
+        read_parquet_files(paths, fs, columns),
         lambda batch: scored_clips(batch, seed, keep_below),
         None,
         "pyarrow",

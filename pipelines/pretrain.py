@@ -20,6 +20,7 @@ import tempfile
 from typing import TYPE_CHECKING, Any
 
 from pipelines.common import init_ray, stage_main
+from pipelines.ray_stages import read_parquet_files
 from videobert import storage
 from videobert.config import ExperimentConfig, TrainConfig
 from videobert.results import PretrainResult, TokenizeResult, find_tokens, pretrain_run_name, train_digest
@@ -163,7 +164,7 @@ def run(
     init_ray()
     fs, _ = storage.filesystem(tokens.tokens_uri, config.s3)
     paths = [storage.filesystem(f.uri, config.s3)[1] for f in tokens.files]
-    dataset = ray.data.read_parquet(paths, filesystem=fs, columns=token_columns(config))
+    dataset = read_parquet_files(paths, fs, token_columns(config))
     held_out = held_out_video_ids(config)
     if held_out:  # the videos evaluate holds out never reach training
         dataset = dataset.filter(lambda row: row["video_id"] not in held_out)

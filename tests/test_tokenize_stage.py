@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from pipelines import fit_codebook, tokenize
@@ -381,3 +382,43 @@ def test_pretrain_trains_on_what_tokenize_made_for_this_config(ray_cluster, tmp_
     assert meta["tokenizer_version"] == chosen.tokenizer.version
     assert meta["tokens_uri"] == chosen.tokens_uri
     assert vocab.text_size == len(TextTokenizer.load(chosen.tokenizer.uri).vocab)
+
+
+def test_parquet_reads_start_footer_readers_by_file_count(ray_cluster, tmp_path):
+    """fit-codebook's and pretrain's reads: a few files get one FooterReader actor, not Ray's
+    default 32 worker processes (seconds of start-up per read on a small node)."""
+    import ray
+    from ray.util.state import list_actors
+
+    from pipelines.ray_stages import FOOTER_ACTORS_ENV, read_parquet_files
+
+    paths = []
+    for i in range(6):
+        paths.append(str(tmp_path / f"part{i}.parquet"))
+        pq.write_table(pa.table({"x": [i, i + 10], "y": ["a", "b"]}), paths[-1])
+
+    def footer_readers() -> set[str]:
+        actors = list_actors(
+            filters=[("class_name", "=", "FooterReader")], limit=10_000, raise_on_missing_output=False
+        )
+        return {a.actor_id for a in actors}
+
+    before = footer_readers()
+    dataset = read_parquet_files(paths, None, ["x"])
+    assert FOOTER_ACTORS_ENV not in os.environ  # set for the planning of this read only
+    read = pa.concat_tables(ray.get(dataset.to_arrow_refs()))
+    assert read.column_names == ["x"] and sorted(read.column("x").to_pylist()) == [
+        0,
+        1,
+        2,
+        3,
+        4,
+        5,
+        10,
+        11,
+        12,
+        13,
+        14,
+        15,
+    ]
+    assert len(footer_readers() - before) == 1

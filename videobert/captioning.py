@@ -628,61 +628,78 @@ def score_caption_sets(
     references: dict[str, list[str]], sets: dict[str, dict[str, str]]
 ) -> dict[str, CaptionScores]:
     """`score_captions` of several candidate sets against the same references, with one run of
-    the Java tokenizer and one METEOR process for them all. pycocoevalcap's printing goes to
-    the log, not stdout."""
-    from pycocoevalcap.bleu.bleu import Bleu
-    from pycocoevalcap.cider.cider import Cider
-    from pycocoevalcap.rouge.rouge import Rouge
+    the Java tokenizer and one METEOR process for them all (`CaptionScorer`)."""
+    with CaptionScorer() as scorer:
+        return scorer.score(references, sets)
 
-    global _JAVA_WARNED
-    java = java_available()
-    keys = list(references)
-    candidates = {
-        f"{name}\t{k}": [captions[k].strip() or EMPTY_CAPTION]
-        for name, captions in sets.items()
-        for k in keys
-    }
-    chatter = io.StringIO()
-    with contextlib.redirect_stdout(chatter):
-        if java:
-            from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-            tokenizer = PTBTokenizer()
-            gts = tokenizer.tokenize({k: [{"caption": c} for c in references[k]] for k in keys})
-            tokenized = tokenizer.tokenize({k: [{"caption": v[0]}] for k, v in candidates.items()})
-        else:
-            if not _JAVA_WARNED:
-                log.warning(
-                    "no `java` on PATH: captions are tokenised in Python and METEOR is not computed "
-                    "(pycocoevalcap runs Java for both; the infra/ image has a JRE)"
-                )
-                _JAVA_WARNED = True
-            gts = _python_tokenize({k: references[k] for k in keys})
-            tokenized = _python_tokenize(candidates)
-        meteor = None
-        if java:
+class CaptionScorer:
+    """pycocoevalcap's scorers as a context: METEOR's Java process starts on entry and ends on
+    exit. It spends about 11 s loading its tables before its first score, so a stage that enters
+    before training has that time overlapped (finetune-caption does)."""
+
+    def __enter__(self) -> CaptionScorer:
+        global _JAVA_WARNED
+        self.java = java_available()
+        self.meteor = None
+        if self.java:
             from pycocoevalcap.meteor.meteor import Meteor
 
-            meteor = Meteor()
+            with contextlib.redirect_stdout(io.StringIO()):
+                self.meteor = Meteor()
+        elif not _JAVA_WARNED:
+            log.warning(
+                "no `java` on PATH: captions are tokenised in Python and METEOR is not computed "
+                "(pycocoevalcap runs Java for both; the infra/ image has a JRE)"
+            )
+            _JAVA_WARNED = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.meteor = None  # its __del__ ends the Java process
+
+    def score(
+        self, references: dict[str, list[str]], sets: dict[str, dict[str, str]]
+    ) -> dict[str, CaptionScores]:
+        """BLEU-3/4, METEOR, ROUGE-L and CIDEr of each candidate set (name -> id -> caption)
+        against `references` (id -> captions). pycocoevalcap's printing goes to the log."""
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        keys = list(references)
+        candidates = {
+            f"{name}\t{k}": [captions[k].strip() or EMPTY_CAPTION]
+            for name, captions in sets.items()
+            for k in keys
+        }
+        chatter = io.StringIO()
         scores = {}
-        try:
+        with contextlib.redirect_stdout(chatter):
+            if self.java:
+                from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+                tokenizer = PTBTokenizer()
+                gts = tokenizer.tokenize({k: [{"caption": c} for c in references[k]] for k in keys})
+                tokenized = tokenizer.tokenize({k: [{"caption": v[0]}] for k, v in candidates.items()})
+            else:
+                gts = _python_tokenize({k: references[k] for k in keys})
+                tokenized = _python_tokenize(candidates)
             for name in sets:
                 res = {k: [tokenized[f"{name}\t{k}"][0] or EMPTY_CAPTION] for k in keys}
                 bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
                 metrics = {"bleu3": float(bleu[2]), "bleu4": float(bleu[3])}
                 missing = {}
-                if meteor is not None:
-                    metrics["meteor"] = float(meteor.compute_score(gts, res)[0])
+                if self.meteor is not None:
+                    metrics["meteor"] = float(self.meteor.compute_score(gts, res)[0])
                 else:
                     missing["meteor"] = "no `java` on PATH (pycocoevalcap's METEOR runs Java)"
                 metrics["rouge_l"] = float(Rouge().compute_score(gts, res)[0])
                 metrics["cider"] = float(Cider().compute_score(gts, res)[0])
                 scores[name] = CaptionScores(metrics, missing)
-        finally:
-            del meteor  # its __del__ ends the Java process
-    if chatter.getvalue().strip():
-        log.debug("pycocoevalcap: %s", chatter.getvalue().strip())
-    return scores
+        if chatter.getvalue().strip():
+            log.debug("pycocoevalcap: %s", chatter.getvalue().strip())
+        return scores
 
 
 def object_named_rate(captions: Sequence[str], objects: Sequence[str | None]) -> float | None:
