@@ -102,7 +102,29 @@ def init_ray() -> None:
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
-    else:
-        ray.init(
-            address="local", num_cpus=max(4, os.cpu_count() or 1), runtime_env=runtime_env, log_to_driver=True
-        )
+        return
+    # A private instance's workers (which inherit this environment) must find its own state
+    # API. Otherwise they look up the last `ray start` cluster on this machine: Ray Train's
+    # placement-group watcher then waits on a dead or foreign cluster, and every Ray Train run
+    # ended about 14 s late (22 s vs 38 s for an empty run, with a stale cluster file here).
+    dashboard_port = None
+    if "RAY_API_SERVER_ADDRESS" not in os.environ:
+        dashboard_port = free_local_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
+    ray.init(
+        address="local",
+        num_cpus=max(4, os.cpu_count() or 1),
+        runtime_env=runtime_env,
+        log_to_driver=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=dashboard_port,
+    )
+
+
+def free_local_port() -> int:
+    """A TCP port free on 127.0.0.1 now (the OS picks it)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

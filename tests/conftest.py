@@ -166,6 +166,9 @@ def ray_cluster(s3_server: str, tmp_path_factory: pytest.TempPathFactory) -> Ite
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     # Let worker processes import the repo (and `tests`) the same way this process does.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    # Its workers find its own state API, not whichever cluster this machine started last
+    # (Ray Train's placement-group watcher asks it; see pipelines.common.init_ray).
+    env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dashboard_port}"
     log_path = tmp_path_factory.mktemp("ray") / "ray-start.log"
     # `--block` in a process group of its own: teardown stops this cluster only, never
     # another one on the same machine (as `ray stop` would).
