@@ -14,7 +14,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -28,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from pipelines.common import free_local_port
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -60,10 +61,7 @@ def _keep_mlflow_uri_env() -> Iterator[None]:
         yield
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+free_port = free_local_port  # the pipeline's own helper (pipelines.common)
 
 
 def wait_for_http(url: str, timeout: float = 60.0, server: subprocess.Popen | None = None) -> None:
