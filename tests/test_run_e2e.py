@@ -29,7 +29,7 @@ from videobert.tracking import tracking_uri, use_tracking_uri
 
 REPO = Path(__file__).resolve().parent.parent
 
-# The whole demo run is the module fixture's setup: 520-580 s idle on 2 cores, over the suite's
+# The whole demo run is the module fixture's setup: 420-460 s idle on 2 cores, over the suite's
 # 600 s per-test limit on a busy machine.
 pytestmark = pytest.mark.timeout(1500)
 

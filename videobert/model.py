@@ -6,7 +6,8 @@ BERT checkpoint can initialise it (`init_from_bert`) and a trained model exports
 
 - Q, K and V are one fused Linear (one matmul instead of three); `hf_to_videobert` /
   `videobert_to_hf` map the weights to BERT's names 1:1 otherwise.
-- Attention is `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU).
+- Attention is `scaled_dot_product_attention` (flash / memory-efficient kernels on GPU); on CPU,
+  dropout draws its masks with videobert/dropout.py (torch's CPU masks cost a third of a step).
 - The MLM head runs only at the masked positions: hidden states are gathered first, so the
   vocabulary projection (hidden x ~51k) costs 15% of what a dense head costs.
 - Padding-free packing: several examples share one row; `seq_ids` numbers them (0 = padding)
@@ -30,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from videobert.dropout import Dropout, attention
 from videobert.model_sizes import MODEL_SIZES
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "[>]"]
@@ -157,7 +159,7 @@ class Embeddings(nn.Module):
         self.position_embeddings = nn.Embedding(config.max_positions, config.hidden)
         self.token_type_embeddings = nn.Embedding(config.type_vocab_size, config.hidden)
         self.LayerNorm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor
@@ -222,14 +224,14 @@ class SelfAttention(nn.Module):
         self.dense = nn.Linear(config.hidden, config.hidden)
         self.LayerNorm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
         self.dropout = config.dropout
-        self.out_dropout = nn.Dropout(config.dropout)
+        self.out_dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, length, hidden = x.shape
         # [B, T, 3H] -> [B, T, 3, heads, H/heads] -> 3 x [B, heads, T, H/heads]
         q, k, v = self.qkv(x).view(batch, length, 3, self.heads, hidden // self.heads).permute(2, 0, 3, 1, 4)
         dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        y = attention(q, k, v, mask, dropout)
         # [B, heads, T, H/heads] -> [B, T, H]
         y = y.transpose(1, 2).reshape(batch, length, hidden)
         return self.LayerNorm(x + self.out_dropout(self.dense(y)))  # post-LN, as BERT
@@ -242,7 +244,7 @@ class Block(nn.Module):
         self.intermediate = nn.Linear(config.hidden, config.intermediate)
         self.output = nn.Linear(config.intermediate, config.hidden)
         self.LayerNorm = nn.LayerNorm(config.hidden, eps=config.layer_norm_eps)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         x = self.attention(x, mask)
