@@ -50,7 +50,8 @@ def attention(
 ) -> torch.Tensor:
     """`F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)` (a bool
     mask, True = attend). With dropout on CPU it is computed as SDPA's own maths fallback does
-    there (scores, softmax, dropout, values), with `dropout` on the probabilities."""
+    there (scores, softmax, dropout, values), with `dropout` on the probabilities. Every query
+    must attend to some key (VideoBERT's masks do: padding attends to padding)."""
     if dropout_p == 0 or q.device.type != "cpu":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
     scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
