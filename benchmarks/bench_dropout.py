@@ -19,23 +19,13 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import videobert.model as model_module
 from videobert.captioning import CaptionModel, CaptionVocab, caption_loss, caption_tensor
-from videobert.dropout import Dropout, dropout
+from videobert.dropout import dropout, use_fast_dropout
 from videobert.model import VideoBert, VideoBertConfig
 
 OUR_ATTENTION = model_module.attention  # the peer swaps in SDPA's own dropout
-
-
-def torch_dropouts(module: nn.Module) -> nn.Module:
-    """The peer: every `Dropout` back to `nn.Dropout`."""
-    for parent in list(module.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is Dropout:
-                setattr(parent, name, nn.Dropout(child.p))
-    return module
 
 
 def sdpa(
@@ -52,7 +42,7 @@ def captioner_step(ours: bool) -> Callable[[], None]:
     vocab = CaptionVocab.build(captions)
     tokens = caption_tensor(vocab, captions, 20)
     model = CaptionModel([128, 128, 1024], len(vocab))
-    model = model if ours else torch_dropouts(model)
+    model = model if ours else use_fast_dropout(model, fast=False)
     model.standardise_with(features)
     optimizer = torch.optim.Adam(model.parameters(), 1e-3)
     model.train()
@@ -73,7 +63,7 @@ def videobert_step(ours: bool) -> Callable[[], None]:
         vocab_size=vocab, max_positions=64, hidden=64, layers=2, heads=2, intermediate=256
     )
     model = VideoBert(config)
-    model = model if ours else torch_dropouts(model)
+    model = model if ours else use_fast_dropout(model, fast=False)
     ids = torch.randint(6, vocab, (128, 64))
     types = torch.randint(0, 2, (128, 64))
     seq_ids = torch.ones(128, 64, dtype=torch.long)

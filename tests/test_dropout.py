@@ -79,6 +79,8 @@ def test_models_use_the_fast_masks_with_unchanged_weights() -> None:
     assert set(layer.state_dict()) == names
     assert [type(m) for m in layer.modules() if isinstance(m, nn.Dropout)] == [Dropout] * 4
     assert layer.dropout1.p == 0.3
+    use_fast_dropout(layer, fast=False)  # the benchmark's peer: torch's own again
+    assert [type(m) for m in layer.modules() if isinstance(m, nn.Dropout)] == [nn.Dropout] * 4
     for model in (
         CaptionModel([8, 4], 10, hidden=16, heads=2),
         VideoBert(

@@ -53,7 +53,7 @@ from torch import nn
 
 from videobert.classification import VideoWindow, _text, read_finetune_table
 from videobert.config import ExperimentConfig, FinetuneConfig, S3Config
-from videobert.dropout import Dropout, use_fast_dropout
+from videobert.dropout import use_fast_dropout
 
 log = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ class CaptionModel(nn.Module):
         self.part_embedding = nn.Parameter(torch.zeros(len(self.part_dims), hidden))
         self.word_embedding = nn.Embedding(vocab_size, hidden, padding_idx=PAD)
         self.position_embedding = nn.Embedding(max_words + 2, hidden)
-        self.dropout = Dropout(dropout)
+        self.dropout = nn.Dropout(dropout)
         self.encoder = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(hidden, heads, 4 * hidden, dropout, batch_first=True),
             layers,
@@ -295,7 +295,7 @@ class CaptionModel(nn.Module):
         )
         self.out = nn.Linear(hidden, vocab_size)
         self.hidden = hidden
-        use_fast_dropout(self)  # the layers' own: torch's CPU masks were a third of a step
+        use_fast_dropout(self)  # every nn.Dropout above: torch's CPU masks were a third of a step
 
     def standardise_with(self, features: torch.Tensor) -> None:
         """Fix the input statistics to those of the training features [N, sum dims]."""

@@ -60,11 +60,13 @@ def attention(
     return dropout(scores.softmax(-1), dropout_p) @ v
 
 
-def use_fast_dropout(module: nn.Module) -> nn.Module:
-    """Swap every `nn.Dropout` under `module` (torch's Transformer layers) for `Dropout`; the
-    state dict does not change. `nn.MultiheadAttention`'s own attention dropout stays torch's."""
+def use_fast_dropout(module: nn.Module, fast: bool = True) -> nn.Module:
+    """Swap every `nn.Dropout` under `module` (torch's Transformer layers) for `Dropout`, or with
+    `fast=False` every `Dropout` back (the benchmark's peer); the state dict does not change.
+    `nn.MultiheadAttention`'s own attention dropout stays torch's."""
+    old, new = (nn.Dropout, Dropout) if fast else (Dropout, nn.Dropout)
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                setattr(parent, name, Dropout(child.p, child.inplace))
+            if type(child) is old:
+                setattr(parent, name, new(child.p, child.inplace))
     return module
