@@ -20,8 +20,6 @@ from pipelines.cli import STAGES
 REPO = Path(__file__).resolve().parent.parent
 COMPOSERS = {"run", "cli"}
 STAGE_MODULES = set(STAGES.values()) - COMPOSERS
-
-
 LIBRARY_FILES = sorted((REPO / "videobert").glob("*.py"))
 PIPELINE_FILES = sorted((REPO / "pipelines").glob("*.py"))
 
@@ -30,13 +28,15 @@ PIPELINE_FILES = sorted((REPO / "pipelines").glob("*.py"))
 def imports_of_all(paths: tuple[Path, ...]) -> dict[str, set[str]]:
     """The modules each file imports, parsed in one child interpreter."""
     script = REPO / "tests" / "imports_of.py"
-    out = subprocess.run(
-        [sys.executable, str(script), *map(str, paths)], check=True, capture_output=True, text=True
-    ).stdout
-    return {path: set(modules) for path, modules in json.loads(out).items()}
+    child = subprocess.run([sys.executable, str(script), *map(str, paths)], capture_output=True, text=True)
+    # A file that does not parse must name itself, as `ast.parse` in this process did.
+    assert child.returncode == 0, child.stderr[-3000:]
+    return {path: set(modules) for path, modules in json.loads(child.stdout).items()}
 
 
 def imported_modules(path: Path) -> set[str]:
+    """Every module a file imports (see `tests/imports_of.py`); the repo's own files are parsed
+    together, in one child interpreter for the whole module."""
     if path in LIBRARY_FILES or path in PIPELINE_FILES:
         return imports_of_all(tuple(LIBRARY_FILES + PIPELINE_FILES))[str(path)]
     return imports_of_all((path,))[str(path)]
