@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from videobert import demo_corpus
+from videobert.config import load_config
 from videobert.demo_corpus import Cue, DemoSpec, DemoVideo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -60,15 +61,20 @@ def main() -> None:
     demo_corpus.OBJECTS, demo_corpus.ACTIONS = OBJECTS, ACTIONS
     demo_corpus.narration = narration
     labels = root / "labels.csv"
-    demo_corpus.generate_corpus(str(root / "videos"), DemoSpec(seed=11), labels_uri=str(labels))
+    # The demo's corpus size (videos a class), its own videos (seed 11).
+    demo = load_config(REPO / "configs/demo.yaml").demo
+    spec = DemoSpec(
+        objects=demo.objects, actions=demo.actions, videos_per_class=demo.videos_per_class, seed=11
+    )
+    demo_corpus.generate_corpus(str(root / "videos"), spec, labels_uri=str(labels))
     overrides = [f"source={root / 'videos'}", f"output={root / 'out'}", f"evaluate.labels={labels}"]
-    overrides += [f"train.seed={args.seed}"]
+    # Pretraining and evaluation only: the fine-tuning tables are the demo corpus's.
+    overrides += [f"train.seed={args.seed}", "finetune.labels=null", "finetune.captions=null"]
     command = [sys.executable, "-m", "pipelines.run", "--config", str(REPO / "configs/demo.yaml")]
     subprocess.run([*command, *(f"--set={o}" for o in overrides)], check=True, cwd=REPO)
 
     from mlflow import MlflowClient
 
-    from videobert.config import load_config
     from videobert.registry import CHAMPION, alias_version
     from videobert.tracking import tracking_uri, use_tracking_uri
 

@@ -207,7 +207,13 @@ def run(config: ExperimentConfig) -> FinetuneResult:
         "labels_uri": settings.labels,
         "labels_digest": trained_on["labels_digest"],
         "clips": {"train": len(train), "test": len(test)},
-        "input": "[CLS] video [SEP] through the encoder, mean of the video tokens' last hidden states",
+        "input": "[CLS] video [SEP] through the encoder, mean of the video tokens' last hidden states"
+        + (
+            ", then the mean [MASK] output of [CLS] template [>] video [SEP]"
+            if settings.template_features
+            else ""
+        ),
+        "template": cls.TEMPLATE if settings.template_features else None,
         "run_id": run_id,
     }
     version = register_classifier(

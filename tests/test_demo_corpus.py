@@ -154,20 +154,21 @@ def test_stage_cli_default_size_and_labels_path(tmp_path: Path, capsys: pytest.C
         + ["--set", f"finetune.labels={classes}"]
     )
     assert rc == 0
-    assert "60 videos" in capsys.readouterr().out
-    assert len(list(source.glob("*.mp4"))) == 4 * 3 * 5
-    assert len(list(source.glob("*.vtt"))) == 60
+    per_class = load_config("configs/demo.yaml").demo.videos_per_class
+    videos = 4 * 3 * per_class
+    assert f"{videos} videos" in capsys.readouterr().out
+    assert len(list(source.glob("*.mp4"))) == len(list(source.glob("*.vtt"))) == videos
     assert len(list((source / "samples").glob("*.mp4"))) == len(sample_videos())
     rows = read_labels(labels.read_bytes())
     # the labelled validation set: the last video of each of the 12 classes
     assert len(rows) == 12 and not (source / "labels.csv").exists()
-    assert all(r["source_uri"].endswith("-04.mp4") for r in rows)
+    assert all(r["source_uri"].endswith(f"-{per_class - 1:02d}.mp4") for r in rows)
     assert {(r["verb"], r["object"]) for r in rows} == {
         (v, o) for v in ("slide", "lift", "spin") for o in ("circle", "square", "triangle", "star")
     }
     # the classification table: every video's "<verb> the <object>", test = the labelled ones
     table = list(csv.DictReader(io.StringIO(classes.read_text())))
-    assert len(table) == 60 and len({r["label"] for r in table}) == 12
+    assert len(table) == videos and len({r["label"] for r in table}) == 12
     assert all(r["label"] == f"{r['verb']} the {r['object']}" for r in table)
     assert {r["source_uri"] for r in table if r["split"] == "test"} == {r["source_uri"] for r in rows}
     assert {r["split"] for r in table} == {"train", "test"}

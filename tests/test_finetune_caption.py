@@ -128,7 +128,7 @@ def test_features_videobert_parts_differ_from_s3d(captioned) -> None:
     use_tracking_uri(config.mlflow.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{CAPTIONER}/1").unwrap_python_model()
     hidden = model.model.config.hidden
-    text, masks = model._template()
+    text, masks = model.template_ids(model.settings["template"])
     assert len(masks) == 5 and all(text[m] == 4 for m in masks)  # 4: [MASK]
     words = [np.array([0, 1, 2, 3]), np.array([3, 2])]
     video, masked = cap.segment_parts(model.model.eval(), model.vocab, text, masks, words, 64)

@@ -18,7 +18,7 @@ import pytest
 from pipelines import finetune_classify
 from pipelines.common import EXIT_CONFIG
 from tests.labelled_world import Evaluated
-from videobert.classification import TEST, TRAIN, holdout_split, read_classification_table
+from videobert.classification import TEMPLATE, TEST, TRAIN, holdout_split, read_classification_table
 from videobert.classifier import LINEAGE_TAG
 from videobert.config import ConfigError, FinetuneConfig, load_config
 from videobert.evaluation import evalset_root, holdout_key
@@ -110,6 +110,11 @@ def test_registered_classifier_predicts_labels_and_error_rows(finetuned, evaluat
     config, _ = finetuned
     use_tracking_uri(config.mlflow.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{CLASSIFIER}@{CHAMPION}")
+    # template_features (the default): the head takes the pooled embedding and the template's
+    # mean [MASK] output, and the registered model says which template
+    classifier = model.unwrap_python_model()
+    assert classifier.head_template == TEMPLATE
+    assert classifier.head.linear.in_features == 2 * classifier.model.config.hidden
     notes = next(u for u, why in evaluated.unreadable.items() if why == "decode")
     video = str(Path(config.source) / "in1.mp4")
     out = model.predict(pd.DataFrame({"video": [video, notes], "start_s": [0.0, None], "end_s": [3.0, None]}))

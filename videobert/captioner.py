@@ -46,7 +46,6 @@ from videobert.captioning import (
     feature_matrix,
     s3d_means,
     segment_parts,
-    template_ids,
 )
 from videobert.classifier import fine_tuned_files, tag_candidate
 from videobert.config import ExperimentConfig, redact
@@ -93,16 +92,6 @@ class VideoCaptionerPyfunc(VideoBertPyfunc):
         self.captioner, self.caption_vocab, self.settings = load_captioner(
             context.artifacts[CAPTIONER_FILES_DIR]
         )
-        self.template: tuple[np.ndarray, list[int]] | None = None
-
-    def _template(self) -> tuple[np.ndarray, list[int]]:
-        if self.template is None:
-            from videobert.text_tokenizer import TextTokenizer
-
-            assert self.inputs is not None and self.inputs.tokenizer_uri, "the version carries no tokenizer"
-            encode = TextTokenizer.load(self.inputs.tokenizer_uri).encode
-            self.template = template_ids(self.settings["template"], encode, self.vocab)
-        return self.template
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "video" not in model_input.columns:
@@ -164,7 +153,7 @@ class VideoCaptionerPyfunc(VideoBertPyfunc):
         """Captions of segments given as visual words and clip features [clips, dim] (float16)."""
         from videobert.embedding import embedding_max_len
 
-        text, masks = self._template()
+        text, masks = self.template_ids(self.settings["template"])
         model = self.model.eval()
         video, masked = segment_parts(
             model, self.vocab, text, masks, words, embedding_max_len(model, self.metadata)

@@ -10,13 +10,15 @@ class, by reference):
     inputs/       the pretrained version's input files, copied (encoder, codebook, tokenizer,
                   decode and s3 settings: videobert/model_inputs.py)
     classifier/   head.safetensors (`linear.weight`, `linear.bias`, `mean`, `std`) and
-                  classes.json (the classes in the order of the head's outputs and of `scores`)
+                  classes.json (the classes in the order of the head's outputs and of `scores`,
+                  and the `template` whose [MASK] outputs the head takes, or null)
 
 `predict` takes a DataFrame with a `video` column (local paths or s3:// URIs) and optional
 `start_s` / `end_s`, and returns per row `label`, `scores` (a probability per class, in the
 order of classes.json) and `error`: the pretrained pyfunc's video chain (`predict_videos`:
-decode, S3D, codebook, `[CLS] video [SEP]` pooled), then the head. A video that cannot be read
-gets its reason in `error` and no label; the batch goes on.
+decode, S3D, codebook, `[CLS] video [SEP]` pooled), with the template's [MASK] outputs for a
+head trained on them (classes.json's `template`; `classification.head_inputs`), then the head.
+A video that cannot be read gets its reason in `error` and no label; the batch goes on.
 
 Aliases: `candidate` on each new version; `champion` moved by `registry.promote` on
 `eval.test_top1` (strictly higher wins). The version's `pretrained_model` tag names the
@@ -69,28 +71,39 @@ def save_head(
     (directory / CLASSES_FILE).write_text(redact(json.dumps({"classes": classes, **info}, indent=2)))
 
 
-def load_head(directory: str | Path) -> tuple[ClassifierHead, list[str]]:
-    """The head (eval mode, CPU) and its classes, from classifier/."""
+def load_head(directory: str | Path) -> tuple[ClassifierHead, list[str], str | None]:
+    """The head (eval mode, CPU), its classes and the template whose [MASK] outputs it takes
+    (None: the pooled embedding alone, as every version before `template_features`), from
+    classifier/."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
     state = load_file(str(directory / HEAD_FILE))
-    classes = list(json.loads((directory / CLASSES_FILE).read_text())["classes"])
+    info = json.loads((directory / CLASSES_FILE).read_text())
+    classes = list(info["classes"])
     hidden = state["linear.weight"].shape[1]
     head = ClassifierHead(hidden, len(classes))
     head.load_state_dict(state)
-    return head.eval(), classes
+    return head.eval(), classes, info.get("template")
 
 
 @torch.no_grad()
-def classify_rows(head: ClassifierHead, classes: list[str], embedded: pd.DataFrame) -> pd.DataFrame:
-    """`predict_videos`' rows -> label, scores and error per row (no label where no embedding)."""
+def classify_rows(
+    head: ClassifierHead,
+    classes: list[str],
+    embedded: pd.DataFrame,
+    extra: dict[int, torch.Tensor] | None = None,
+) -> pd.DataFrame:
+    """`predict_videos`' rows -> label, scores and error per row (no label where no embedding).
+    `extra`: row -> the template features that follow the embedding in the head's input."""
     good = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
     labels: list[str | None] = [None] * len(embedded)
     scores: list[list[float] | None] = [None] * len(embedded)
     if good:
         device = head.linear.weight.device
-        inputs = torch.as_tensor(np.stack([embedded["embedding"][i] for i in good]), device=device)
+        inputs = torch.as_tensor(np.stack([embedded["embedding"][i] for i in good]), device=device).float()
+        if extra is not None:
+            inputs = torch.cat([inputs, torch.stack([extra[i] for i in good]).to(device)], -1)
         probabilities = torch.softmax(head(inputs), -1).double().cpu().numpy()
         for row, p in zip(good, probabilities, strict=True):
             labels[row], scores[row] = classes[int(p.argmax())], p.tolist()
@@ -108,7 +121,7 @@ class VideoClassifierPyfunc(VideoBertPyfunc):
 
     def load_context(self, context: Any) -> None:
         super().load_context(context)
-        self.head, self.classes = load_head(context.artifacts[CLASSIFIER_FILES_DIR])
+        self.head, self.classes, self.head_template = load_head(context.artifacts[CLASSIFIER_FILES_DIR])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "video" not in model_input.columns:
@@ -116,7 +129,26 @@ class VideoClassifierPyfunc(VideoBertPyfunc):
                 f"expected a `video` column (local paths or s3:// URIs), optionally start_s / end_s; "
                 f"got {sorted(model_input.columns)}"
             )
-        return classify_rows(self.head, self.classes, predict_videos(self._video_embedder(), model_input))
+        embedded = predict_videos(self._video_embedder(), model_input)
+        return classify_rows(self.head, self.classes, embedded, self._template_features(embedded))
+
+    @torch.no_grad()
+    def _template_features(self, embedded: pd.DataFrame) -> dict[int, torch.Tensor] | None:
+        """Row -> the template's mean [MASK] output with the row's visual words, as training
+        computed it (`classification.head_inputs`); None for a head without a template."""
+        if self.head_template is None:
+            return None
+        from videobert.captioning import segment_parts
+        from videobert.embedding import embedding_max_len
+
+        rows = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
+        if not rows:
+            return {}
+        text, masks = self.template_ids(self.head_template)
+        words = [np.asarray(embedded["visual_words"][i], np.int64) for i in rows]
+        max_len = embedding_max_len(self.model, self.metadata)
+        masked = segment_parts(self.model.eval(), self.vocab, text, masks, words, max_len)[1]
+        return dict(zip(rows, masked.cpu(), strict=True))
 
 
 def classifier_signature() -> Any:

@@ -627,13 +627,19 @@ class CaptionerConfig:
 @dataclass
 class FinetuneConfig:
     """Classification fine-tuning (`videobert finetune-classify`): a pretrained model, a labelled
-    table of videos, and a linear head on the model's pooled video embedding."""
+    table of videos, and a linear head on the model's pooled video embedding (and the zero-shot
+    template's [MASK] outputs, `template_features`)."""
 
     labels: str | None = None
     """CSV or Parquet: source_uri, label, optional start_s / end_s (a window), split (train or
     test), verb and object; None: no classifier (`videobert run` skips the stage)."""
     mode: str = "linear_probe"
     """`linear_probe`: the pretrained encoder frozen, only the head trains; `full`: both train."""
+    template_features: bool = True
+    """Also feed the head the mean of the zero-shot template's [MASK] outputs with the clip
+    ("now let me show you how to [MASK] the [MASK]" [>] video), the paper's downstream features
+    (§4.6): what the pretrained model would say is done and shown. False: the pooled video
+    embedding alone (`videobert embed`'s)."""
     model_uri: str | None = None
     """The pretrained model, models:/<name>@<alias> or /<version> (resolved to one version first);
     None: models:/<mlflow.registered_model>@champion."""

@@ -101,6 +101,7 @@ class VideoBertPyfunc(mlflow.pyfunc.PythonModel):
         inputs = context.artifacts.get(INPUT_FILES_DIR)  # none in versions registered token-only
         self.inputs: ModelInputs | None = ModelInputs.load(inputs) if inputs else None
         self.video_embedder: VideoFileEmbedder | None = None  # built on the first video batch
+        self.templates: dict[str, tuple[np.ndarray, list[int]]] = {}
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         columns = set(model_input.columns)
@@ -124,6 +125,19 @@ class VideoBertPyfunc(mlflow.pyfunc.PythonModel):
             max_len = embedding_max_len(self.model, self.metadata)
             self.video_embedder = self.inputs.video_embedder(self.model, self.vocab, max_len)
         return self.video_embedder
+
+    def template_ids(self, template: str) -> tuple[np.ndarray, list[int]]:
+        """A text template's joint ids and [MASK] positions (`captioning.template_ids`), through
+        the version's own tokenizer; computed once per template."""
+        if template not in self.templates:
+            from videobert.captioning import template_ids
+            from videobert.text_tokenizer import TextTokenizer
+
+            if self.inputs is None or not self.inputs.tokenizer_uri:
+                raise ValueError("this model version carries no tokenizer")
+            encode = TextTokenizer.load(self.inputs.tokenizer_uri).encode
+            self.templates[template] = template_ids(template, encode, self.vocab)
+        return self.templates[template]
 
 
 def _seconds(value: Any) -> float | None:
