@@ -150,6 +150,9 @@ def run(config: ExperimentConfig) -> EvaluationResult:
     if combined is not None:
         finite[config.evaluate.combined_metric] = combined
     run_id = record_evaluation(name, version, finite, plots, meta)
+    if "zero_shot_template" in meta:  # the words zero-shot asked in (evaluate.zero_shot_prefix)
+        client.set_tag(run_id, "zero_shot_template", meta["zero_shot_template"])
+        log.info("zero-shot template: %s", meta["zero_shot_template"])
     if config.evaluate.labels:
         client.set_tag(run_id, UNREADABLE_TAG, str(len(unreadable)))
         client.log_text(run_id, json.dumps(unreadable, indent=1), f"evaluation/{UNREADABLE_TAG}.json")

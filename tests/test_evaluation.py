@@ -174,3 +174,30 @@ def test_named_texts_are_those_that_name_a_labelled_word() -> None:
     assert not names_a_label("hello everyone.", words)
     assert not names_a_label("circles and sliders", words)  # whole words only
     assert not names_a_label("", words)
+
+
+def test_narration_prefix_is_the_corpus_own_wording() -> None:
+    """Zero-shot asks in the words the narrations say before "<verb> the <object>": the demo's
+    "now let me show you how to", another corpus's most common opening, within one sentence."""
+    from videobert.evaluation import narration_prefix
+
+    demo = [
+        "hello everyone. now let me show you how to slide the circle.",
+        "now let me show you how to spin the star.",
+        "that was easy.",
+    ]
+    assert narration_prefix(demo, ["slide", "spin"], ["circle", "star"]) == "now let me show you how to"
+    other = [
+        "good morning. watch me shrink the lemon now.",
+        "here i bounce the kite slowly.",
+        "watch me spin the leaf now.",
+        "next we shrink the brick.",
+    ]
+    # "watch me" is said twice; the sentence before it ("good morning.") is not part of it
+    assert (
+        narration_prefix(other, ["shrink", "bounce", "spin"], ["lemon", "brick", "kite", "leaf"])
+        == "watch me"
+    )
+    # a prefix needs a labelled verb and object, after at least one word of the sentence
+    assert narration_prefix(["slide the circle now.", "i slide the square."], ["slide"], ["circle"]) is None
+    assert narration_prefix([None, ""], ["slide"], ["circle"]) is None

@@ -143,6 +143,11 @@ def test_the_champion_aligns_and_retrieves_held_out_videos(demo_run):
     # promotion used the combined metric, and the evaluation run holds the plots
     assert tags[config.evaluate.combined_metric] > 0
     run_id = version_tags["eval.run_id"]
+    # zero-shot asked in the demo narrations' own words (evaluation.narration_prefix)
+    assert (
+        client.get_run(run_id).data.tags["zero_shot_template"]
+        == "now let me show you how to [MASK] the [MASK]"
+    )
     plots = {Path(f.path).name for f in client.list_artifacts(run_id, "evaluation")}
     assert {"alignment_roc.png", "retrieval_ranks.png", "zero_shot_verbs.png"} <= plots
 

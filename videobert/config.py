@@ -506,6 +506,10 @@ class EvaluateConfig:
     """The model to evaluate, as models:/<name>@<alias>; None: models:/<mlflow.registered_model>@candidate."""
     labels: str | None = None
     """CSV or Parquet with source_uri, verb, object for zero-shot classification."""
+    zero_shot_prefix: str | None = None
+    """The words of the zero-shot template before "[MASK] the [MASK]". None: the words the
+    corpus's own training narrations most often say before a labelled "<verb> the <object>"
+    (`evaluation.narration_prefix`), else the paper's "now let me show you how to"."""
     holdout_fraction: float = 0.1
     """Share of videos held out of training for evaluation (by video_id hash)."""
     metric: str = "videobert_score"
