@@ -48,7 +48,7 @@ SHOWN = [
     "alignment_auc_named",
     "retrieval_recall_at_1_named",
     "retrieval_median_rank_named",
-    "train_verb_top1",
+    "train_zero_shot_verb_top1",
     "seconds",
 ]
 
@@ -64,6 +64,7 @@ def export(config_path: str, overrides: list[str], bundle: Path) -> None:
         read_labels,
         rows_to_columns,
         zero_shot_items,
+        zero_shot_prefix,
     )
     from videobert.results import find_tokens
     from videobert.token_shards import read_tokens
@@ -84,31 +85,28 @@ def export(config_path: str, overrides: list[str], bundle: Path) -> None:
     label_words = {w.lower() for item in items for w in (item.verb, item.object)}
     rows = rows_to_columns(holdout).columns
     rows["named"] = [names_a_label(str(t or ""), label_words) for t in holdout["text"].to_pylist()]
-    # Training videos' own labels, to score verbs on what was trained on ("fits" vs "generalises").
-    train_items = [
-        {"video_id": vid, "video_tokens": words}
-        for vid, words in _words_by_video(train.select(["video_id", "video_tokens"])).items()
-    ]
+    # Training videos' own labels (the demo's classes table has verb and object), to score
+    # verbs on what was trained on ("fits" vs "generalises").
+    train_items = []
+    if config.finetune.labels:
+        train_items, _ = zero_shot_items(read_labels(config.finetune.labels, config), train)
+    verbs, objects = label_classes(config)
+    # evaluate's own choice of the template's words (evaluation.zero_shot_prefix)
+    prefix = zero_shot_prefix(config, train["text"].to_pylist(), verbs, objects)
 
     bundle.mkdir(parents=True, exist_ok=True)
     pq.write_table(train.select(TRAIN_COLUMNS), bundle / "train.parquet")
     pq.write_table(pa.table(rows), bundle / "heldout.parquet")
-    pq.write_table(
-        pa.Table.from_pylist(
-            [{k: getattr(i, k) for k in ("video_id", "video_tokens", "verb", "object")} for i in items]
-        ),
-        bundle / "zero_shot.parquet",
-    )
-    pq.write_table(pa.Table.from_pylist(train_items), bundle / "train_videos.parquet")
+    _write_items(items, bundle / "zero_shot.parquet")
+    _write_items(train_items, bundle / "train_videos.parquet")
     shutil.copytree(tokens.tokenizer.uri, bundle / "tokenizer", dirs_exist_ok=True)
     shutil.copy(config_path, bundle / "config.yaml")
-    verbs, objects = label_classes(config)
     meta = {
         "overrides": overrides,
         "num_visual": tokens.codebook.vocab_size,
         "verbs": verbs,
         "objects": objects,
-        "train_labels": _train_labels(config),
+        "zero_shot_prefix": prefix,
     }
     (bundle / "meta.json").write_text(json.dumps(meta, indent=1))
     print(
@@ -116,23 +114,18 @@ def export(config_path: str, overrides: list[str], bundle: Path) -> None:
     )
 
 
-def _words_by_video(table: pa.Table) -> dict[str, list[int]]:
-    words: dict[str, list[int]] = {}
-    for vid, segment in zip(table["video_id"].to_pylist(), table["video_tokens"].to_pylist(), strict=True):
-        words.setdefault(vid, []).extend(segment or [])
-    return words
-
-
-def _train_labels(config: Any) -> dict[str, list[str]]:
-    """video_id -> [verb, object] of every video in `finetune.labels` (the demo's classes table
-    has both columns)."""
-    from videobert.evaluation import listed_uri, read_labels
-    from videobert.tables import video_id
-
-    if not config.finetune.labels:
-        return {}
-    rows = read_labels(config.finetune.labels, config).to_pylist()
-    return {video_id(listed_uri(str(r["source_uri"]))): [r["verb"], r["object"]] for r in rows if "verb" in r}
+def _write_items(items: list[Any], path: Path) -> None:
+    """Zero-shot items (`evaluation.ZeroShotItem`, no clip features) as Parquet rows."""
+    columns = ("video_id", "video_tokens", "verb", "object")
+    schema = pa.schema(
+        [
+            ("video_id", pa.string()),
+            ("video_tokens", pa.list_(pa.int64())),
+            ("verb", pa.string()),
+            ("object", pa.string()),
+        ]
+    )
+    pq.write_table(pa.Table.from_pylist([{k: getattr(i, k) for k in columns} for i in items], schema), path)
 
 
 class PlainEngine:
@@ -208,18 +201,12 @@ def run_one(bundle: str, recipe: str, overrides: list[str], seed: int, device: s
     metrics |= {f"train_{k}": v for k, v in last.items() if k != "tokens_per_s"}
     metrics |= mlm_metrics(model, vocab, HeldOut(heldout), max_len, seed=seed)
     metrics |= cross_modal_eval(model, vocab, HeldOut(heldout), max_len, named, seed=seed)[0]
-    items = [ZeroShotItem(**row) for row in pq.read_table(root / "zero_shot.parquet").to_pylist()]
-    verbs, objects = meta["verbs"], meta["objects"]
-    metrics |= zero_shot(model, vocab, tokenizer.encode, items, max_len, verbs, objects)[0]
-    labels = meta["train_labels"]
-    train_items = [
-        ZeroShotItem(row["video_id"], row["video_tokens"], *labels[row["video_id"]])
-        for row in pq.read_table(root / "train_videos.parquet").to_pylist()
-        if row["video_id"] in labels
-    ]
-    if train_items:
-        on_train = zero_shot(model, vocab, tokenizer.encode, train_items, max_len, verbs, objects)[0]
-        metrics["train_verb_top1"] = on_train.get("zero_shot_verb_top1")
+    verbs, objects, prefix = meta["verbs"], meta["objects"], meta["zero_shot_prefix"]
+    for name, prefix_of_metric in (("zero_shot", ""), ("train_videos", "train_")):
+        items = [ZeroShotItem(**row) for row in pq.read_table(root / f"{name}.parquet").to_pylist()]
+        if items:
+            scored = zero_shot(model, vocab, tokenizer.encode, items, max_len, verbs, objects, prefix)[0]
+            metrics |= {f"{prefix_of_metric}{k}": v for k, v in scored.items()}
     return metrics
 
 

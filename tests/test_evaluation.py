@@ -201,3 +201,17 @@ def test_narration_prefix_is_the_corpus_own_wording() -> None:
     # a prefix needs a labelled verb and object, after at least one word of the sentence
     assert narration_prefix(["slide the circle now.", "i slide the square."], ["slide"], ["circle"]) is None
     assert narration_prefix([None, ""], ["slide"], ["circle"]) is None
+
+
+def test_zero_shot_prefix_setting_wins_over_the_narrations() -> None:
+    """`evaluate.zero_shot_prefix` is used as given; unset, the narrations' own words; none
+    said, the paper's."""
+    from videobert.config import load_config
+    from videobert.evaluation import ZERO_SHOT_PREFIX, zero_shot_prefix
+
+    said = ["watch me spin the star."]
+    assert zero_shot_prefix(
+        load_config(None, ["evaluate.zero_shot_prefix=look how i"]), said, ["spin"], ["star"]
+    ) == ("look how i")
+    assert zero_shot_prefix(load_config(None), said, ["spin"], ["star"]) == "watch me"
+    assert zero_shot_prefix(load_config(None), ["hello."], ["spin"], ["star"]) == ZERO_SHOT_PREFIX

@@ -335,14 +335,26 @@ def head_inputs(
     """The head's input per clip (module doc): the pooled embedding [N, H], and with `template`
     (`captioning.template_ids` of TEMPLATE) the template's mean [MASK] output after it [N, 2H].
     Differentiable (grad is the caller's choice)."""
-    from videobert.captioning import segment_parts
     from videobert.embedding import pooled_embeddings
 
     pooled = pooled_embeddings(model, vocab, words, max_len)[0].float()
     if template is None:
         return pooled
-    masked = segment_parts(model, vocab, template[0], template[1], words, max_len)[1]
-    return torch.cat([pooled, masked], -1)
+    return torch.cat([pooled, template_outputs(model, vocab, template, words, max_len)], -1)
+
+
+def template_outputs(
+    model: nn.Module,
+    vocab: Any,
+    template: tuple[np.ndarray, list[int]],
+    words: Sequence[np.ndarray],
+    max_len: int,
+) -> torch.Tensor:
+    """[N, H]: per clip, the template's mean [MASK] output with the clip's visual words
+    (`[CLS] template [>] video [SEP]`, `captioning.segment_parts`): the head's second part."""
+    from videobert.captioning import segment_parts
+
+    return segment_parts(model, vocab, template[0], template[1], words, max_len)[1]
 
 
 class ClassifierHead(nn.Module):

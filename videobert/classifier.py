@@ -135,19 +135,19 @@ class VideoClassifierPyfunc(VideoBertPyfunc):
     @torch.no_grad()
     def _template_features(self, embedded: pd.DataFrame) -> dict[int, torch.Tensor] | None:
         """Row -> the template's mean [MASK] output with the row's visual words, as training
-        computed it (`classification.head_inputs`); None for a head without a template."""
+        computed it (`classification.template_outputs`); None for a head without a template."""
         if self.head_template is None:
             return None
-        from videobert.captioning import segment_parts
+        from videobert.classification import template_outputs
         from videobert.embedding import embedding_max_len
 
         rows = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
         if not rows:
             return {}
-        text, masks = self.template_ids(self.head_template)
+        template = self.template_ids(self.head_template)
         words = [np.asarray(embedded["visual_words"][i], np.int64) for i in rows]
         max_len = embedding_max_len(self.model, self.metadata)
-        masked = segment_parts(self.model.eval(), self.vocab, text, masks, words, max_len)[1]
+        masked = template_outputs(self.model.eval(), self.vocab, template, words, max_len)
         return dict(zip(rows, masked.cpu(), strict=True))
 
 

@@ -278,6 +278,19 @@ def narration_prefix(
     return best[max(n for n, (_, count) in best.items() if count >= floor)][0]
 
 
+def zero_shot_prefix(
+    config: ExperimentConfig,
+    trained_texts: Sequence[str | None],
+    verbs: Sequence[str],
+    objects: Sequence[str],
+) -> str:
+    """The zero-shot template's prefix: `evaluate.zero_shot_prefix`, else the training
+    narrations' own (`narration_prefix`), else the paper's."""
+    if config.evaluate.zero_shot_prefix is not None:
+        return config.evaluate.zero_shot_prefix
+    return narration_prefix(trained_texts, verbs, objects) or ZERO_SHOT_PREFIX
+
+
 @torch.no_grad()
 def zero_shot(
     model: VideoBert,
@@ -643,10 +656,9 @@ def evaluate_model(
     probabilities, labels, ranks = (pairs.get(k, np.zeros(0)) for k in ("probabilities", "labels", "ranks"))
     tokenizer = TextTokenizer.load(Layout(config.output).tokenizer(tokenizer_version), config.s3)
     verbs, objects = label_classes(config)
-    prefix = config.evaluate.zero_shot_prefix
-    if prefix is None:  # the training narrations' own words (the hold-out and labelled videos unseen)
-        trained_on = tokens.filter(pa.array([not h for h in held], pa.bool_()))["text"].to_pylist()
-        prefix = narration_prefix(trained_on, verbs, objects) or ZERO_SHOT_PREFIX
+    # the training narrations' own words (the hold-out and labelled videos unseen)
+    trained_on = tokens.filter(pa.array([not h for h in held], pa.bool_()))["text"].to_pylist()
+    prefix = zero_shot_prefix(config, trained_on, verbs, objects)
     zs_metrics, zs_details = zero_shot(model, vocab, tokenizer.encode, items, max_len, verbs, objects, prefix)
     metrics |= zs_metrics
     meta = {**meta, "unscored_labelled_videos": unscored, "zero_shot_template": f"{prefix} [MASK] the [MASK]"}
