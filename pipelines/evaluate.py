@@ -120,7 +120,7 @@ def run(config: ExperimentConfig) -> EvaluationResult:
     import mlflow
     import ray
 
-    from videobert.evaluation import evaluate_model
+    from videobert.evaluation import PREFIX_TAG, evaluate_model
     from videobert.registry import alias_version, record_evaluation, resolve_model_version
     from videobert.tracking import setup_experiment
 
@@ -152,6 +152,7 @@ def run(config: ExperimentConfig) -> EvaluationResult:
     run_id = record_evaluation(name, version, finite, plots, meta)
     if "zero_shot_template" in meta:  # the words zero-shot asked in (evaluate.zero_shot_prefix)
         client.set_tag(run_id, "zero_shot_template", meta["zero_shot_template"])
+        client.set_model_version_tag(name, version, PREFIX_TAG, meta["zero_shot_prefix"])
         log.info("zero-shot template: %s", meta["zero_shot_template"])
     if config.evaluate.labels:
         client.set_tag(run_id, UNREADABLE_TAG, str(len(unreadable)))

@@ -14,7 +14,8 @@ its own model (`finetune.classifier_name`, default `videobert-classifier`).
 4. Training and test scoring run in one Ray task, on a GPU when the cluster has one (see
    `run`); rank 0 is that task, and it logs `loss` every `finetune.log_every` steps.
 5. The MLflow run gets the params, the test metrics (top-1/top-5, and the pretrained model's
-   zero-shot accuracy on the same clips next to them), the confusion plots and a report. The
+   zero-shot accuracy on the same clips next to them, asked in the words of the version's own
+   evaluation: its `zero_shot_prefix` tag), the confusion plots and a report. The
    classifier is registered as `candidate` with its metrics as `eval.*` tags, its lineage and a
    model card; `champion` moves when its test top-1 beats the champion's (`registry.promote`).
 """
@@ -111,6 +112,9 @@ def run_metrics(
         "zero_shot", trained.zero_shot_scores, targets, len(classes)
     )
     metrics |= zero_shot | trained.zero_shot_metrics | trained.train_metrics
+    metrics["head_top1"] = classification_metrics("head", trained.head_scores, targets, len(classes))[0][
+        "head_top1"
+    ]
     metrics["chance"] = 1.0 / len(classes)
     return metrics, {"Classifier": confusion, "Zero-shot template": zero_shot_confusion}
 
@@ -123,6 +127,7 @@ def run(config: ExperimentConfig) -> FinetuneResult:
 
     from videobert import classification as cls
     from videobert.classifier import LINEAGE_TAG, register_classifier
+    from videobert.evaluation import PREFIX_TAG, ZERO_SHOT_PREFIX, zero_shot_template
     from videobert.model_card import classifier_card, classifier_model_card
     from videobert.tables import Layout
     from videobert.tracking import start_or_resume_run
@@ -142,10 +147,14 @@ def run(config: ExperimentConfig) -> FinetuneResult:
         inputs.plan,
     )
     client = MlflowClient()
+    # zero-shot and the head's template ask in the words the version's own evaluation used
+    prefix = client.get_model_version(pretrained.name, pretrained.version).tags.get(PREFIX_TAG)
+    prefix = prefix or ZERO_SHOT_PREFIX
     trained_on = {
         LINEAGE_TAG: pretrained.uri,
         "labels_digest": cls.labels_digest(clips, plan.videos),
         "finetune_digest": cls.finetune_digest(settings),
+        PREFIX_TAG: prefix,
     }
     done = already_built(config, "finetune-classify", name, trained_on, pretrained.uri)
     if done is not None:
@@ -183,6 +192,7 @@ def run(config: ExperimentConfig) -> FinetuneResult:
         train=train,
         test=test,
         test_words=[words[c.row] for c in test],
+        zero_shot_prefix=prefix,
     )
     # One Ray task, not a Ray Train worker group: a classification table is small next to the
     # pretraining corpus (the demo's 60 clips, YouCook2's ~10k segments), so one device trains
@@ -199,6 +209,7 @@ def run(config: ExperimentConfig) -> FinetuneResult:
     metrics |= {"train_clips": float(len(train)), "test_clips": float(len(test))}
     metrics["unreadable_clips"] = float(len(unreadable))
     notes = {"pretrained model": pretrained.uri, "labels": redact(settings.labels), "mode": settings.mode}
+    notes["zero-shot template"] = zero_shot_template(prefix)
     record_run(run_id, metrics, classes, confusions, unreadable, notes)
     info = {
         "pretrained_model": pretrained.uri,
@@ -207,13 +218,23 @@ def run(config: ExperimentConfig) -> FinetuneResult:
         "labels_uri": settings.labels,
         "labels_digest": trained_on["labels_digest"],
         "clips": {"train": len(train), "test": len(test)},
-        "input": "[CLS] video [SEP] through the encoder, mean of the video tokens' last hidden states"
-        + (
-            ", then the mean [MASK] output of [CLS] template [>] video [SEP]"
-            if settings.template_features
-            else ""
+        "input": "; then ".join(
+            part
+            for part, used in (
+                (
+                    "[CLS] video [SEP] through the encoder, mean of the video tokens' last hidden states",
+                    settings.pooled_features,
+                ),
+                ("the mean [MASK] output of [CLS] template [>] video [SEP]", settings.template_features),
+            )
+            if used
         ),
-        "template": cls.TEMPLATE if settings.template_features else None,
+        "pooled": settings.pooled_features,
+        "template": zero_shot_template(prefix) if settings.template_features else None,
+        # what `predict` blends with the head's scores (finetune.zero_shot_weight)
+        "zero_shot": {"weight": settings.zero_shot_weight, "prefix": prefix, "pairs": task.pairs}
+        if settings.zero_shot_weight
+        else None,
         "run_id": run_id,
     }
     version = register_classifier(
@@ -226,7 +247,8 @@ def run(config: ExperimentConfig) -> FinetuneResult:
     verdict = "promoted to champion" if decision.promoted else "kept the current champion"
     print(
         f"finetune-classify: {name} v{version} on {pretrained.uri}: test top-1 {metrics['test_top1']:.3f} "
-        f"(zero-shot {metrics['zero_shot_top1']:.3f}, chance {metrics['chance']:.3f}) over {len(classes)} "
+        + (f"(head alone {metrics['head_top1']:.3f}, " if settings.zero_shot_weight else "(")
+        + f"zero-shot {metrics['zero_shot_top1']:.3f}, chance {metrics['chance']:.3f}) over {len(classes)} "
         f"classes, {len(test)} test clips; {verdict} ({decision.reason})"
     )
     return FinetuneResult(

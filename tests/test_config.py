@@ -87,6 +87,15 @@ def test_round_trip_through_yaml(tmp_path: Path) -> None:
         (["decode=3"], "decode: expected a mapping"),
         (["train.batch_size=3", "train.workers=2"], "train.batch_size must be divisible"),
         (["decode.fps"], "expected key=value"),
+        (
+            ["finetune.pooled_features=false", "finetune.template_features=false"],
+            "finetune.pooled_features and finetune.template_features cannot both be false",
+        ),
+        (["finetune.zero_shot_weight=1.5"], "finetune.zero_shot_weight must be in"),
+        (
+            ["finetune.mode=full", "finetune.zero_shot_weight=0.5"],
+            "finetune.zero_shot_weight needs finetune.mode",
+        ),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], message: str) -> None:

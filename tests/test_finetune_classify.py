@@ -12,17 +12,28 @@ import dataclasses
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from pipelines import finetune_classify
 from pipelines.common import EXIT_CONFIG
 from tests.labelled_world import Evaluated
-from videobert.classification import TEMPLATE, TEST, TRAIN, holdout_split, read_classification_table
+from videobert.classification import (
+    TEMPLATE,
+    TEST,
+    TRAIN,
+    LabelledClip,
+    blend_with_zero_shot,
+    holdout_split,
+    read_classification_table,
+    zero_shot_class_scores,
+)
 from videobert.classifier import LINEAGE_TAG
 from videobert.config import ConfigError, FinetuneConfig, load_config
 from videobert.evaluation import evalset_root, holdout_key
-from videobert.registry import CANDIDATE, CHAMPION, alias_version
+from videobert.registry import CANDIDATE, CHAMPION, VideoBertPyfunc, alias_version
 from videobert.tables import read_manifest
 from videobert.tracking import use_tracking_uri
 
@@ -113,8 +124,8 @@ def test_registered_classifier_predicts_labels_and_error_rows(finetuned, evaluat
     # template_features (the default): the head takes the pooled embedding and the template's
     # mean [MASK] output, and the registered model says which template
     classifier = model.unwrap_python_model()
-    assert classifier.head_template == TEMPLATE
-    assert classifier.head.linear.in_features == 2 * classifier.model.config.hidden
+    assert (classifier.loaded.pooled, classifier.loaded.template) == (True, TEMPLATE)
+    assert classifier.loaded.head.linear.in_features == 2 * classifier.model.config.hidden
     notes = next(u for u, why in evaluated.unreadable.items() if why == "decode")
     video = str(Path(config.source) / "in1.mp4")
     out = model.predict(pd.DataFrame({"video": [video, notes], "start_s": [0.0, None], "end_s": [3.0, None]}))
@@ -122,6 +133,103 @@ def test_registered_classifier_predicts_labels_and_error_rows(finetuned, evaluat
     assert out["label"][0] in ("circle", "square") and out["error"][0] is None
     assert len(out["scores"][0]) == 2 and sum(out["scores"][0]) == pytest.approx(1.0)
     assert out["label"][1] is None and out["error"][1].startswith("decode:")
+
+
+def test_head_on_the_template_alone_in_the_evaluations_words(finetuned, evaluated: Evaluated) -> None:
+    """`finetune.pooled_features: false` (what the demo trains): the head takes the template's
+    [MASK] outputs only, in training and in the registered model's `predict`, which computes
+    them from the raw video as training did. The template asks in the words the pretrained
+    version's own evaluation used (its `zero_shot_prefix` tag), and so does zero-shot."""
+    from videobert.classification import template_outputs
+    from videobert.embedding import embedding_max_len
+    from videobert.evaluation import PREFIX_TAG
+
+    config, first = finetuned
+    use_tracking_uri(config.mlflow.tracking_uri)
+    client = mlflow.MlflowClient()
+    pretrained = evaluated.first
+    # evaluate tagged the version with the words its zero-shot asked in
+    assert client.get_model_version(pretrained.model_name, pretrained.version).tags[PREFIX_TAG] == (
+        "now let me show you how to"
+    )
+    settings = dataclasses.replace(config.finetune, mode="linear_probe", pooled_features=False, steps=5)
+    client.set_model_version_tag(pretrained.model_name, pretrained.version, PREFIX_TAG, "next we")
+    try:
+        result = finetune_classify.run(dataclasses.replace(config, finetune=settings))
+    finally:
+        client.set_model_version_tag(
+            pretrained.model_name, pretrained.version, PREFIX_TAG, "now let me show you how to"
+        )
+    assert not result.skipped and int(result.version) == int(first.version) + 1
+    template = "next we [MASK] the [MASK]"
+    assert client.get_model_version(CLASSIFIER, result.version).tags[PREFIX_TAG] == "next we"
+    report = client.download_artifacts(result.run_id, "classification/report.md")
+    assert template in Path(report).read_text()
+    model = mlflow.pyfunc.load_model(f"models:/{CLASSIFIER}/{result.version}")
+    classifier = model.unwrap_python_model()
+    loaded = classifier.loaded
+    assert (loaded.pooled, loaded.template) == (False, template)
+    assert loaded.head.linear.in_features == classifier.model.config.hidden
+    video = str(Path(config.source) / "in1.mp4")
+    out = model.predict(pd.DataFrame({"video": [video]}))
+    assert out["error"][0] is None and out["label"][0] in loaded.classes
+    # the same scores from the template's outputs over the video's own visual words
+    embedded = VideoBertPyfunc.predict(classifier, None, pd.DataFrame({"video": [video]}))
+    masked = template_outputs(
+        classifier.model.eval(),
+        classifier.vocab,
+        classifier.template_ids(template),
+        [np.asarray(embedded["visual_words"][0], np.int64)],
+        embedding_max_len(classifier.model, classifier.metadata),
+    )
+    with torch.no_grad():
+        expected = torch.softmax(loaded.head(masked), -1)[0].tolist()
+    assert list(out["scores"][0]) == pytest.approx(expected, abs=1e-5)
+
+
+def test_blend_with_zero_shot_weighs_the_two_log_probabilities() -> None:
+    head, prior = torch.tensor([[2.0, 0.0, -1.0]]), torch.tensor([[-3.0, -0.5, -1.0]])
+    assert blend_with_zero_shot(head, prior, 0.0) == pytest.approx(torch.softmax(head, -1))
+    assert blend_with_zero_shot(head, prior, 1.0) == pytest.approx(torch.softmax(prior, -1))
+    halfway = torch.softmax((torch.log_softmax(head, -1) + torch.log_softmax(prior, -1)) / 2, -1)
+    assert blend_with_zero_shot(head, prior, 0.5) == pytest.approx(halfway)
+
+
+def test_zero_shot_blend_in_training_and_predict(finetuned, evaluated: Evaluated) -> None:
+    """`finetune.zero_shot_weight`: the classifier's scores blend the head's with zero-shot's.
+    At weight 1 they are zero-shot's: the test top-1 is zero-shot's, and the registered model's
+    `predict` computes the same zero-shot scores from the raw video as training did."""
+    config, _ = finetuned
+    use_tracking_uri(config.mlflow.tracking_uri)
+    settings = dataclasses.replace(config.finetune, mode="linear_probe", zero_shot_weight=1.0, steps=5)
+    result = finetune_classify.run(dataclasses.replace(config, finetune=settings))
+    assert result.metrics["test_top1"] == result.metrics["zero_shot_top1"]
+    assert "head_top1" in result.metrics
+    model = mlflow.pyfunc.load_model(f"models:/{CLASSIFIER}/{result.version}")
+    classifier = model.unwrap_python_model()
+    assert classifier.loaded.zero_shot == {
+        "weight": 1.0,
+        "prefix": "now let me show you how to",
+        "pairs": {"circle": ["slide", "circle"], "square": ["slide", "square"]},
+    }
+    video = str(Path(config.source) / "in1.mp4")
+    out = model.predict(pd.DataFrame({"video": [video]}))
+    embedded = VideoBertPyfunc.predict(classifier, None, pd.DataFrame({"video": [video]}))
+    clip = LabelledClip(row=0, source_uri=video, label="square", split=TEST, verb="slide", object="square")
+    pairs = {c: tuple(p) for c, p in classifier.loaded.zero_shot["pairs"].items()}
+    _, scores = zero_shot_class_scores(
+        classifier.model.eval(),
+        classifier.vocab,
+        classifier.encode_text,
+        [clip],
+        [np.asarray(embedded["visual_words"][0], np.int64)],
+        classifier.loaded.classes,
+        pairs,
+        int(classifier.metadata["max_seq_len"]),
+    )
+    assert list(out["scores"][0]) == pytest.approx(
+        torch.softmax(torch.as_tensor(scores[0]), -1).tolist(), abs=1e-5
+    )
 
 
 def test_split_by_column_or_by_video_hash(tmp_path: Path) -> None:

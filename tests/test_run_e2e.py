@@ -148,34 +148,37 @@ def test_the_champion_aligns_and_retrieves_held_out_videos(demo_run):
         client.get_run(run_id).data.tags["zero_shot_template"]
         == "now let me show you how to [MASK] the [MASK]"
     )
+    assert version_tags["zero_shot_prefix"] == "now let me show you how to"  # what finetune-classify asks in
     plots = {Path(f.path).name for f in client.list_artifacts(run_id, "evaluation")}
     assert {"alignment_roc.png", "retrieval_ranks.png", "zero_shot_verbs.png"} <= plots
 
 
 def test_run_fine_tunes_a_classifier_that_beats_zero_shot(demo_run):
     """The demo's classification table (12 "<verb> the <object>" classes, tested on the labelled
-    videos): after fine-tuning, test top-1 at most one clip under the same champion's zero-shot
-    accuracy. The goal is "at least zero-shot", but the demo champion names verb and object
-    through the template so well (zero-shot 1.00 at seeds 0-2) that the head, even with the
-    template's [MASK] outputs as input, scored 1.00 in 6 of 7 runs and 0.92 in one (README,
-    "Fine-tuning a classifier"): one clip of 12 under the goal."""
+    videos): after fine-tuning, test top-1 at least the same champion's zero-shot accuracy,
+    with a margin of one clip of 12. The demo champion names verb and object through the
+    template (zero-shot 1.00), and configs/demo.yaml blends the head's scores with zero-shot's
+    (`finetune.zero_shot_weight` 0.67): 1.00 in 32 of 32 runs over four champions (README,
+    "Fine-tuning a classifier"); the head alone reached 1.00 in 19."""
     root, overrides, first = demo_run
     classifier = first["finetune-classify"]
     assert classifier.pretrained_uri == pretrained_uri(first)
     metrics = classifier.metrics
     assert metrics["test_clips"] == 12 and metrics["chance"] == pytest.approx(1 / 12)
     assert metrics["test_top1"] >= metrics["zero_shot_top1"] - 1 / 12 - 1e-9, metrics
+    assert 0 <= metrics["head_top1"] <= 1  # the head alone, reported beside the blend
     assert metrics["test_top1"] >= 3 * metrics["chance"], metrics
 
 
 # Issue 14 §5's caption goals on the demo's 12 held-out segments (VideoBERT + S3D CIDEr at least
-# S3D-only's; 90% of captions name the right object), with a margin under what configs/demo.yaml
-# reached (README, "Fine-tuning a captioner": objects 1.00; CIDEr 0.93-1.00x S3D-only's, whose
-# mean S3D feature already carries 11-12 of the 12 verbs).
+# S3D-only's; 90% of captions name the right object), with a small margin under what
+# configs/demo.yaml reached (README, "Fine-tuning a captioner": objects 1.00; CIDEr at least
+# S3D-only's in 21 of 22 champion x seed runs at 300 steps, 0.94x in the other, all near
+# CIDEr's ceiling of 10).
 CAPTION_GOALS = {
     "test_object_named": ("at least 0.90", lambda m: 0.90),
-    # One verb wrong of 12 costs about 0.05x.
-    "test_cider": ("at least 0.85x the S3D-only captioner's", lambda m: 0.85 * m["s3d_cider"]),
+    # One verb of 12 costs about 0.06x: the margin is one verb.
+    "test_cider": ("at least 0.93x the S3D-only captioner's", lambda m: 0.93 * m["s3d_cider"]),
 }
 
 

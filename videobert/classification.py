@@ -8,16 +8,18 @@ pretrained VideoBERT's video features, trained and scored on the table's test sp
 - **The split** (`holdout_split`): the `split` column when there is one; else a hold-out by
   video hash (`evaluation.in_holdout`, `finetune.test_fraction`), so every window of a video
   lands on the same side and a rerun splits alike.
-- **The head's input** (`head_inputs`): the pretrained encoder over the clip's visual words as
-  `[CLS] video [SEP]`, pooled as the mean of the video tokens' last hidden states
-  (`embedding.pooled_embeddings`, what `videobert embed` stores as `embedding`: it takes videos
-  longer than one sequence, in chunks); and with `finetune.template_features` (default), next
-  to it the mean of the `[MASK]` outputs of the zero-shot template with the clip (`TEMPLATE`
-  [>] video, `captioning.segment_parts`, video cut to fit one sequence), as the paper feeds
-  its downstream models (§4.6). The pooled embedding alone lost to the template itself once the
-  demo model named verbs: 0.83-0.92 against zero-shot 1.00 on one champion (README). The
+- **The head's input** (`head_inputs`): with `finetune.pooled_features` (default), the
+  pretrained encoder over the clip's visual words as `[CLS] video [SEP]`, pooled as the mean of
+  the video tokens' last hidden states (`embedding.pooled_embeddings`, what `videobert embed`
+  stores as `embedding`: it takes videos longer than one sequence, in chunks); and with
+  `finetune.template_features` (default), after it the mean of the `[MASK]` outputs of the
+  zero-shot template with the clip (template [>] video, `captioning.segment_parts`, video cut
+  to fit one sequence), as the paper feeds its downstream models (§4.6). The pooled embedding
+  alone lost to the template itself once the demo model named verbs (0.83-0.92 against
+  zero-shot 1.00 on one champion), and next to the template it still pulled the head under
+  the template on one demo champion of three (README); the template part alone did not. The
   template part is generic hidden states, so any label set works, not only "<verb> the
-  <object>"; the registered classifier's `predict` computes both parts from the raw video.
+  <object>"; the registered classifier's `predict` computes the same parts from the raw video.
 - **Visual words** (`clip_words`): extract's features of the clip's video (the labelled set's
   own tables, `evaluation.evalset_root`) through the pretrained model's codebook, clip order,
   clips inside the window: the words the pyfunc computes from the raw video (`ClipWords`
@@ -28,9 +30,16 @@ pretrained VideoBERT's video features, trained and scored on the table's test sp
   trains the head on those vectors; `full` trains the encoder (`finetune.encoder_lr`) and the
   head (`finetune.lr`) through `head_inputs`. The head standardises its input with the
   training embeddings' mean and deviation (fixed) before one linear layer.
+- **Blended with zero-shot** (`blend_with_zero_shot`, `finetune.zero_shot_weight` w): the
+  classifier's scores are softmax((1 - w) log p_head + w log p_zero-shot), with zero-shot's
+  class scores below; the registered model's `predict` blends the same way. On the demo the
+  head alone fitted some champions' training clips in ways that missed held-out ones, which
+  zero-shot named (README).
 - **Zero-shot next to it** (`zero_shot_class_scores`): the same pretrained model, before any
-  fine-tuning, on the same test clips, with the paper's template ("now let me show you how to
-  [MASK] the [MASK]", `evaluation.zero_shot`). With `verb` and `object` columns a class scores
+  fine-tuning, on the same test clips, with the template its own evaluation asked in
+  ("<prefix> [MASK] the [MASK]", `evaluation.zero_shot`; the prefix is the version's
+  `evaluation.PREFIX_TAG`, the corpus's own words, else the paper's "now let me show you how
+  to"); the head's template part uses the same words. With `verb` and `object` columns a class scores
   log p(its verb at the first [MASK]) + log p(its object at the second), each softmax over the
   table's verbs / objects. With `label` alone, a class scores the logit of its label's first
   WordPiece at the object [MASK] (one-word labels such as objects; a longer label is judged by
@@ -63,6 +72,7 @@ from videobert.evaluation import (
     listed_uri,
     read_labels,
     zero_shot,
+    zero_shot_template,
 )
 from videobert.metrics import confusion_matrix, top_k_accuracy
 from videobert.tables import Layout, read_manifest, video_id
@@ -321,8 +331,9 @@ def window_clips(
 # ---- the head -------------------------------------------------------------------------------
 
 
-TEMPLATE = f"{ZERO_SHOT_PREFIX} [MASK] the [MASK]"
-"""The zero-shot template, whose [MASK] outputs the head also sees (`template_features`)."""
+TEMPLATE = zero_shot_template(ZERO_SHOT_PREFIX)
+"""The paper's zero-shot template: the one whose [MASK] outputs the head sees
+(`template_features`) when the pretrained version has no `evaluation.PREFIX_TAG`."""
 
 
 def head_inputs(
@@ -331,16 +342,19 @@ def head_inputs(
     words: Sequence[np.ndarray],
     max_len: int,
     template: tuple[np.ndarray, list[int]] | None = None,
+    pooled: bool = True,
 ) -> torch.Tensor:
-    """The head's input per clip (module doc): the pooled embedding [N, H], and with `template`
-    (`captioning.template_ids` of TEMPLATE) the template's mean [MASK] output after it [N, 2H].
-    Differentiable (grad is the caller's choice)."""
+    """The head's input per clip (module doc): the pooled embedding [N, H] (`pooled`), then with
+    `template` (`captioning.template_ids` of TEMPLATE) the template's mean [MASK] output [N, H]:
+    [N, H] or [N, 2H]. Differentiable (grad is the caller's choice)."""
     from videobert.embedding import pooled_embeddings
 
-    pooled = pooled_embeddings(model, vocab, words, max_len)[0].float()
-    if template is None:
-        return pooled
-    return torch.cat([pooled, template_outputs(model, vocab, template, words, max_len)], -1)
+    if not pooled and template is None:
+        raise ValueError("the head takes the pooled embedding, the template's outputs or both")
+    parts = [pooled_embeddings(model, vocab, words, max_len)[0].float()] if pooled else []
+    if template is not None:
+        parts.append(template_outputs(model, vocab, template, words, max_len))
+    return torch.cat(parts, -1)
 
 
 def template_outputs(
@@ -404,6 +418,9 @@ class FinetuneTask:
     """(visual words, class index) per training clip."""
     test: list[LabelledClip]
     test_words: list[np.ndarray]
+    zero_shot_prefix: str = ZERO_SHOT_PREFIX
+    """The words zero-shot and the head's template ask in: those of the pretrained version's
+    own evaluation (`evaluation.PREFIX_TAG`), else the paper's."""
 
 
 @dataclass
@@ -414,7 +431,10 @@ class TrainedClassifier:
     encoder: dict[str, torch.Tensor] | None
     """The fine-tuned encoder's weights (`full`); None: the pretrained ones, unchanged."""
     test_scores: np.ndarray
-    """[test clips, classes] class probabilities."""
+    """[test clips, classes] class probabilities (blended with zero-shot's by
+    `finetune.zero_shot_weight`)."""
+    head_scores: np.ndarray
+    """[test clips, classes] the head's own class probabilities."""
     train_metrics: dict[str, float]
     zero_shot_scores: np.ndarray
     """[test clips, classes] zero-shot class scores of the pretrained model (see the module doc)."""
@@ -437,6 +457,35 @@ def class_pairs(clips: list[LabelledClip], classes: list[str]) -> dict[str, tupl
     return {label: next(iter(p)) for label, p in pairs.items()}
 
 
+def zero_shot_words(
+    classes: list[str], pairs: dict[str, tuple[str, str]] | None
+) -> tuple[list[str], list[str]]:
+    """The candidate verbs and objects zero-shot ranks for `classes` (sorted): the pairs' words,
+    or with no pairs the labels themselves at both [MASK]s."""
+    if pairs:
+        return sorted({v for v, _ in pairs.values()}), sorted({o for _, o in pairs.values()})
+    return sorted(classes), sorted(classes)
+
+
+def class_log_scores(
+    verb_scores: np.ndarray,
+    object_scores: np.ndarray,
+    classes: list[str],
+    pairs: dict[str, tuple[str, str]] | None,
+) -> np.ndarray:
+    """[clips, classes] zero-shot class scores from `evaluation.template_word_scores` over
+    `zero_shot_words(classes, pairs)` (module doc): log p(verb) + log p(object), or with no
+    pairs the label's own logit at the object [MASK]."""
+    verbs, objects = zero_shot_words(classes, pairs)
+    if not pairs:
+        return object_scores[:, [objects.index(c) for c in classes]]
+    verb_log = torch.log_softmax(torch.as_tensor(verb_scores), -1).numpy()
+    object_log = torch.log_softmax(torch.as_tensor(object_scores), -1).numpy()
+    verb_at = [verbs.index(pairs[c][0]) for c in classes]
+    object_at = [objects.index(pairs[c][1]) for c in classes]
+    return verb_log[:, verb_at] + object_log[:, object_at]
+
+
 def zero_shot_class_scores(
     model: nn.Module,
     vocab: Any,
@@ -446,27 +495,31 @@ def zero_shot_class_scores(
     classes: list[str],
     pairs: dict[str, tuple[str, str]] | None,
     max_len: int,
+    prefix: str = ZERO_SHOT_PREFIX,
 ) -> tuple[dict[str, float], np.ndarray]:
     """The pretrained model's template scores of each class on `clips` (their `words`; module
     doc): the verb and object top-1 of `evaluation.zero_shot` when classes are (verb, object)
-    `pairs` (else no metric), and the [clips, classes] score matrix."""
-    if pairs:
-        verbs = sorted({v for v, _ in pairs.values()})
-        objects = sorted({o for _, o in pairs.values()})
-        truth = [pairs[c.label] for c in clips]
-    else:  # the label's first WordPiece at the object [MASK]
-        verbs = objects = classes
-        truth = [(c.label, c.label) for c in clips]
+    `pairs` (else no metric), and the [clips, classes] score matrix (`class_log_scores`)."""
+    verbs, objects = zero_shot_words(classes, pairs)
+    truth = [pairs[c.label] for c in clips] if pairs else [(c.label, c.label) for c in clips]
     items = [ZeroShotItem(str(c.row), w.tolist(), *t) for c, w, t in zip(clips, words, truth, strict=True)]
-    metrics, details = zero_shot(model, vocab, encode, items, max_len, verbs, objects)
+    metrics, details = zero_shot(model, vocab, encode, items, max_len, verbs, objects, prefix)
+    scores = class_log_scores(details["verb_scores"], details["object_scores"], classes, pairs)
     if not pairs:
-        return {}, details["object_scores"]
-    verb_log = torch.log_softmax(torch.as_tensor(details["verb_scores"]), -1).numpy()
-    object_log = torch.log_softmax(torch.as_tensor(details["object_scores"]), -1).numpy()
-    verb_at = [verbs.index(pairs[c][0]) for c in classes]
-    object_at = [objects.index(pairs[c][1]) for c in classes]
-    kept = {k: metrics[k] for k in ("zero_shot_verb_top1", "zero_shot_object_top1")}
-    return kept, verb_log[:, verb_at] + object_log[:, object_at]
+        return {}, scores
+    return {k: metrics[k] for k in ("zero_shot_verb_top1", "zero_shot_object_top1")}, scores
+
+
+def blend_with_zero_shot(
+    head_logits: torch.Tensor, zero_shot_scores: torch.Tensor, weight: float
+) -> torch.Tensor:
+    """[clips, classes] class probabilities: softmax of (1 - weight) x the head's log-probabilities
+    + weight x zero-shot's (`finetune.zero_shot_weight`; 0: the head alone)."""
+    logp = torch.log_softmax(head_logits.float(), -1)
+    if weight:
+        zero_shot_logp = torch.log_softmax(zero_shot_scores.float().to(logp.device), -1)
+        logp = (1 - weight) * logp + weight * zero_shot_logp
+    return torch.softmax(logp, -1)
 
 
 def classification_metrics(
@@ -501,17 +554,27 @@ def train_classifier(task: FinetuneTask) -> TrainedClassifier:
     encode = TextTokenizer.load(task.tokenizer_uri, task.s3).encode
     zs_max_len = int(meta.get("max_seq_len", model.config.max_positions))
     zs_metrics, zs_scores = zero_shot_class_scores(
-        model, vocab, encode, task.test, task.test_words, task.classes, task.pairs, zs_max_len
+        model,
+        vocab,
+        encode,
+        task.test,
+        task.test_words,
+        task.classes,
+        task.pairs,
+        zs_max_len,
+        task.zero_shot_prefix,
     )
 
     torch.manual_seed(settings.seed)
     rng = np.random.default_rng(settings.seed)
     words = [w for w, _ in task.train]
     targets = torch.as_tensor([t for _, t in task.train], device=device)
-    template = template_ids(TEMPLATE, encode, vocab) if settings.template_features else None
+    template = None
+    if settings.template_features:
+        template = template_ids(zero_shot_template(task.zero_shot_prefix), encode, vocab)
 
     def inputs_of(clip_words: Sequence[np.ndarray]) -> torch.Tensor:
-        return head_inputs(model, vocab, clip_words, max_len, template)
+        return head_inputs(model, vocab, clip_words, max_len, template, settings.pooled_features)
 
     with torch.no_grad():
         frozen = inputs_of(words)  # [N, H] or [N, 2H]
@@ -555,7 +618,11 @@ def train_classifier(task: FinetuneTask) -> TrainedClassifier:
     return TrainedClassifier(
         head={k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
         encoder=encoder,
-        test_scores=torch.softmax(test_logits, -1).cpu().numpy().astype(np.float64),
+        test_scores=blend_with_zero_shot(test_logits, torch.as_tensor(zs_scores), settings.zero_shot_weight)
+        .cpu()
+        .numpy()
+        .astype(np.float64),
+        head_scores=torch.softmax(test_logits, -1).cpu().numpy().astype(np.float64),
         train_metrics=train_metrics,
         zero_shot_metrics=zs_metrics,
         zero_shot_scores=zs_scores,

@@ -11,13 +11,15 @@ class, by reference):
                   decode and s3 settings: videobert/model_inputs.py)
     classifier/   head.safetensors (`linear.weight`, `linear.bias`, `mean`, `std`) and
                   classes.json (the classes in the order of the head's outputs and of `scores`,
-                  and the `template` whose [MASK] outputs the head takes, or null)
+                  whether the head takes the `pooled` embedding (absent: true), and the
+                  `template` whose [MASK] outputs it takes, or null)
 
 `predict` takes a DataFrame with a `video` column (local paths or s3:// URIs) and optional
 `start_s` / `end_s`, and returns per row `label`, `scores` (a probability per class, in the
 order of classes.json) and `error`: the pretrained pyfunc's video chain (`predict_videos`:
-decode, S3D, codebook, `[CLS] video [SEP]` pooled), with the template's [MASK] outputs for a
-head trained on them (classes.json's `template`; `classification.head_inputs`), then the head.
+decode, S3D, codebook, `[CLS] video [SEP]` pooled), the template's [MASK] outputs for a head
+trained on them (classes.json's `template`), each part the head takes in the order of
+`classification.head_inputs`, then the head.
 A video that cannot be read gets its reason in `error` and no label; the batch goes on.
 
 Aliases: `candidate` on each new version; `champion` moved by `registry.promote` on
@@ -31,6 +33,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,10 +74,23 @@ def save_head(
     (directory / CLASSES_FILE).write_text(redact(json.dumps({"classes": classes, **info}, indent=2)))
 
 
-def load_head(directory: str | Path) -> tuple[ClassifierHead, list[str], str | None]:
-    """The head (eval mode, CPU), its classes and the template whose [MASK] outputs it takes
-    (None: the pooled embedding alone, as every version before `template_features`), from
-    classifier/."""
+@dataclass
+class LoadedHead:
+    """A registered classifier's head and what its input is made of (module doc)."""
+
+    head: ClassifierHead
+    classes: list[str]
+    pooled: bool
+    """It takes the pooled embedding (every version before `pooled_features`)."""
+    template: str | None
+    """The template whose [MASK] outputs it takes; None: none (versions before `template_features`)."""
+    zero_shot: dict[str, Any] | None = None
+    """`weight`, `prefix` and `pairs` of the zero-shot scores its own blend with (classes.json's
+    `zero_shot`, `finetune.zero_shot_weight`); None: the head alone."""
+
+
+def load_head(directory: str | Path) -> LoadedHead:
+    """The head (eval mode, CPU) and its input's recipe, from classifier/."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -84,29 +100,41 @@ def load_head(directory: str | Path) -> tuple[ClassifierHead, list[str], str | N
     hidden = state["linear.weight"].shape[1]
     head = ClassifierHead(hidden, len(classes))
     head.load_state_dict(state)
-    return head.eval(), classes, info.get("template")
+    pooled = bool(info.get("pooled", True))
+    return LoadedHead(head.eval(), classes, pooled, info.get("template"), info.get("zero_shot"))
 
 
 @torch.no_grad()
 def classify_rows(
-    head: ClassifierHead,
-    classes: list[str],
+    loaded: LoadedHead,
     embedded: pd.DataFrame,
-    extra: dict[int, torch.Tensor] | None = None,
+    template: dict[int, torch.Tensor] | None = None,
+    zero_shot: dict[int, np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """`predict_videos`' rows -> label, scores and error per row (no label where no embedding).
-    `extra`: row -> the template features that follow the embedding in the head's input."""
+    `template`: row -> the template's [MASK] features, which follow the pooled embedding (when
+    the head takes it) in the head's input; `zero_shot`: row -> the zero-shot class scores the
+    head's blend with (`classification.blend_with_zero_shot`)."""
+    from videobert.classification import blend_with_zero_shot
+
     good = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
     labels: list[str | None] = [None] * len(embedded)
     scores: list[list[float] | None] = [None] * len(embedded)
     if good:
-        device = head.linear.weight.device
-        inputs = torch.as_tensor(np.stack([embedded["embedding"][i] for i in good]), device=device).float()
-        if extra is not None:
-            inputs = torch.cat([inputs, torch.stack([extra[i] for i in good]).to(device)], -1)
-        probabilities = torch.softmax(head(inputs), -1).double().cpu().numpy()
+        device = loaded.head.linear.weight.device
+        parts = []
+        if loaded.pooled:
+            parts.append(torch.as_tensor(np.stack([embedded["embedding"][i] for i in good]), device=device))
+        if template is not None:
+            parts.append(torch.stack([template[i] for i in good]).to(device))
+        logits = loaded.head(torch.cat(parts, -1).float())
+        weight, prior = 0.0, torch.zeros_like(logits)
+        if zero_shot is not None and loaded.zero_shot:
+            weight = float(loaded.zero_shot["weight"])
+            prior = torch.as_tensor(np.stack([zero_shot[i] for i in good]))
+        probabilities = blend_with_zero_shot(logits, prior, weight).double().cpu().numpy()
         for row, p in zip(good, probabilities, strict=True):
-            labels[row], scores[row] = classes[int(p.argmax())], p.tolist()
+            labels[row], scores[row] = loaded.classes[int(p.argmax())], p.tolist()
     return pd.DataFrame(
         {
             "label": pd.Series(labels, dtype=object),
@@ -121,7 +149,7 @@ class VideoClassifierPyfunc(VideoBertPyfunc):
 
     def load_context(self, context: Any) -> None:
         super().load_context(context)
-        self.head, self.classes, self.head_template = load_head(context.artifacts[CLASSIFIER_FILES_DIR])
+        self.loaded = load_head(context.artifacts[CLASSIFIER_FILES_DIR])
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         if "video" not in model_input.columns:
@@ -130,13 +158,15 @@ class VideoClassifierPyfunc(VideoBertPyfunc):
                 f"got {sorted(model_input.columns)}"
             )
         embedded = predict_videos(self._video_embedder(), model_input)
-        return classify_rows(self.head, self.classes, embedded, self._template_features(embedded))
+        return classify_rows(
+            self.loaded, embedded, self._template_features(embedded), self._zero_shot_scores(embedded)
+        )
 
     @torch.no_grad()
     def _template_features(self, embedded: pd.DataFrame) -> dict[int, torch.Tensor] | None:
         """Row -> the template's mean [MASK] output with the row's visual words, as training
         computed it (`classification.template_outputs`); None for a head without a template."""
-        if self.head_template is None:
+        if self.loaded.template is None:
             return None
         from videobert.classification import template_outputs
         from videobert.embedding import embedding_max_len
@@ -144,11 +174,41 @@ class VideoClassifierPyfunc(VideoBertPyfunc):
         rows = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
         if not rows:
             return {}
-        template = self.template_ids(self.head_template)
+        template = self.template_ids(self.loaded.template)
         words = [np.asarray(embedded["visual_words"][i], np.int64) for i in rows]
         max_len = embedding_max_len(self.model, self.metadata)
         masked = template_outputs(self.model.eval(), self.vocab, template, words, max_len)
         return dict(zip(rows, masked.cpu(), strict=True))
+
+    def _zero_shot_scores(self, embedded: pd.DataFrame) -> dict[int, np.ndarray] | None:
+        """Row -> the pretrained model's zero-shot class scores with the row's visual words, as
+        training computed them (`classification.class_log_scores`); None for a head alone."""
+        if not self.loaded.zero_shot:
+            return None
+        from videobert.classification import class_log_scores, zero_shot_words
+        from videobert.evaluation import template_word_scores
+
+        rows = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
+        if not rows:
+            return {}
+        settings = self.loaded.zero_shot
+        pairs = (
+            {label: tuple(pair) for label, pair in settings["pairs"].items()} if settings["pairs"] else None
+        )
+        verbs, objects = zero_shot_words(self.loaded.classes, pairs)
+        videos = [(np.asarray(embedded["visual_words"][i], np.int64), None) for i in rows]
+        max_len = int(self.metadata.get("max_seq_len", self.model.config.max_positions))
+        scores = template_word_scores(
+            self.model.eval(),
+            self.vocab,
+            self.encode_text,
+            videos,
+            verbs,
+            objects,
+            max_len,
+            settings["prefix"],
+        )
+        return dict(zip(rows, class_log_scores(*scores, self.loaded.classes, pairs), strict=True))
 
 
 def classifier_signature() -> Any:

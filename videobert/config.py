@@ -631,8 +631,8 @@ class CaptionerConfig:
 @dataclass
 class FinetuneConfig:
     """Classification fine-tuning (`videobert finetune-classify`): a pretrained model, a labelled
-    table of videos, and a linear head on the model's pooled video embedding (and the zero-shot
-    template's [MASK] outputs, `template_features`)."""
+    table of videos, and a linear head on the model's pooled video embedding
+    (`pooled_features`) and the zero-shot template's [MASK] outputs (`template_features`)."""
 
     labels: str | None = None
     """CSV or Parquet: source_uri, label, optional start_s / end_s (a window), split (train or
@@ -644,6 +644,15 @@ class FinetuneConfig:
     ("now let me show you how to [MASK] the [MASK]" [>] video), the paper's downstream features
     (§4.6): what the pretrained model would say is done and shown. False: the pooled video
     embedding alone (`videobert embed`'s)."""
+    pooled_features: bool = True
+    """Feed the head the pooled video embedding (`[CLS] video [SEP]`, `videobert embed`'s). False,
+    with `template_features`: the template's [MASK] outputs alone, which on the demo kept the
+    head at the template's own accuracy where the pooled part pulled it under (README)."""
+    zero_shot_weight: float = 0.0
+    """The classifier's scores blend the head's log-probabilities with zero-shot's (the same
+    template's class scores), weighted (1 - w) and w, in training's test scores and in
+    `predict` (an output-space ensemble with the zero-shot model, as WiSE-FT's): 0, the head
+    alone; 1, zero-shot alone. `head_top1` reports the head alone."""
     model_uri: str | None = None
     """The pretrained model, models:/<name>@<alias> or /<version> (resolved to one version first);
     None: models:/<mlflow.registered_model>@champion."""
@@ -688,6 +697,15 @@ class FinetuneConfig:
             raise ConfigError("finetune.lr and finetune.encoder_lr must be > 0, finetune.weight_decay >= 0")
         if not 0 < self.test_fraction < 1:
             raise ConfigError(f"finetune.test_fraction must be in (0, 1), got {self.test_fraction}")
+        if not 0 <= self.zero_shot_weight <= 1:
+            raise ConfigError(f"finetune.zero_shot_weight must be in [0, 1], got {self.zero_shot_weight}")
+        if self.zero_shot_weight and self.mode == "full":
+            # zero-shot is the pretrained model's; a `full` version carries only its fine-tuned encoder
+            raise ConfigError(
+                "finetune.zero_shot_weight needs finetune.mode linear_probe (the pretrained encoder)"
+            )
+        if not (self.pooled_features or self.template_features):
+            raise ConfigError("finetune.pooled_features and finetune.template_features cannot both be false")
 
 
 @dataclass

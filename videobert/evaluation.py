@@ -50,6 +50,9 @@ from videobert.training_examples import (
 from videobert.videos import is_up_to_date, relinked_rows, rows_by_video, videos_to_do
 
 ZERO_SHOT_PREFIX = "now let me show you how to"
+PREFIX_TAG = "zero_shot_prefix"
+"""On a model version evaluate scored: the words its zero-shot template asked in
+(`zero_shot_prefix`), which finetune-classify's zero-shot and head template reuse."""
 
 
 def in_holdout(key: str, fraction: float) -> bool:
@@ -291,7 +294,52 @@ def zero_shot_prefix(
     return narration_prefix(trained_texts, verbs, objects) or ZERO_SHOT_PREFIX
 
 
+def zero_shot_template(prefix: str) -> str:
+    """The zero-shot template's text, "`prefix` [MASK] the [MASK]" (what `zero_shot` asks)."""
+    return f"{prefix} [MASK] the [MASK]"
+
+
 @torch.no_grad()
+def template_word_scores(
+    model: VideoBert,
+    vocab: JointVocab,
+    encode_text: Callable[[str], list[int]],
+    videos: Sequence[tuple[Sequence[int], np.ndarray | None]],
+    verbs: Sequence[str],
+    objects: Sequence[str],
+    max_len: int,
+    prefix: str = ZERO_SHOT_PREFIX,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The template "`prefix` [MASK] the [MASK]" against each video ((visual words, clip
+    features or None) in order): [videos, verbs] and [videos, objects], each candidate word's
+    logit of its first WordPiece at its [MASK] (see `zero_shot`)."""
+    verb_ids = np.asarray([vocab.text_ids(encode_text(v)[0]) for v in verbs])
+    object_ids = np.asarray([vocab.text_ids(encode_text(o)[0]) for o in objects])
+    prefix_ids = vocab.text_ids(np.asarray(encode_text(prefix), np.int64))
+    the = vocab.text_ids(np.asarray(encode_text("the"), np.int64))
+    text = np.concatenate([prefix_ids, [MASK], the, [MASK]]).astype(np.int64)
+    verb_mask_at = 1 + len(prefix_ids)
+    object_mask_at = verb_mask_at + 1 + len(the)
+    device = next(model.parameters()).device
+    verb_scores = np.zeros((len(videos), len(verbs)), np.float32)
+    object_scores = np.zeros((len(videos), len(objects)), np.float32)
+    for n, (tokens, features) in enumerate(videos):
+        video = vocab.video_ids(np.asarray(tokens, np.int64))[: max_len - len(text) - 3]
+        ids = np.concatenate([[CLS], text, [VIDEO_SEP], video, [SEP]]).astype(np.int64)
+        types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)])
+        input_ids = torch.as_tensor(ids, device=device)[None]  # [T] -> [1, T]
+        token_types = torch.as_tensor(types.astype(np.int64), device=device)[None]
+        positions = torch.as_tensor([verb_mask_at, object_mask_at], device=device)
+        if model.config.takes_features and features is None:
+            raise ValueError(f"video {n}: the model takes clip features but none were given")
+        inputs = feature_inputs(vocab, ids, features if model.config.takes_features else None, device)
+        out = model(input_ids, token_types, mlm_positions=positions, **inputs)
+        logits = out["mlm_logits"].float().cpu().numpy()
+        verb_scores[n] = logits[0, verb_ids]
+        object_scores[n] = logits[1, object_ids]
+    return verb_scores, object_scores
+
+
 def zero_shot(
     model: VideoBert,
     vocab: JointVocab,
@@ -303,7 +351,7 @@ def zero_shot(
     prefix: str = ZERO_SHOT_PREFIX,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """The template "`prefix` [MASK] the [MASK]" (the paper's by default) against each video;
-    candidates ranked by the masked-token logits.
+    candidates ranked by the masked-token logits (`template_word_scores`).
 
     Each candidate word is scored by the logit of its first WordPiece at its [MASK]: the
     label set, not the whole vocabulary, is ranked (as a classifier over the labels). The
@@ -314,31 +362,13 @@ def zero_shot(
         return {}, {}
     verbs = sorted(set(verbs or ()) | {item.verb for item in items})
     objects = sorted(set(objects or ()) | {item.object for item in items})
-    verb_ids = np.asarray([vocab.text_ids(encode_text(v)[0]) for v in verbs])
-    object_ids = np.asarray([vocab.text_ids(encode_text(o)[0]) for o in objects])
-    prefix_ids = vocab.text_ids(np.asarray(encode_text(prefix), np.int64))
-    the = vocab.text_ids(np.asarray(encode_text("the"), np.int64))
-    text = np.concatenate([prefix_ids, [MASK], the, [MASK]]).astype(np.int64)
-    verb_mask_at = 1 + len(prefix_ids)
-    object_mask_at = verb_mask_at + 1 + len(the)
-    device = next(model.parameters()).device
-    verb_scores = np.zeros((len(items), len(verbs)), np.float32)
-    object_scores = np.zeros((len(items), len(objects)), np.float32)
-    for n, item in enumerate(items):
-        video = vocab.video_ids(np.asarray(item.video_tokens, np.int64))[: max_len - len(text) - 3]
-        ids = np.concatenate([[CLS], text, [VIDEO_SEP], video, [SEP]]).astype(np.int64)
-        types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)])
-        input_ids = torch.as_tensor(ids, device=device)[None]  # [T] -> [1, T]
-        token_types = torch.as_tensor(types.astype(np.int64), device=device)[None]
-        positions = torch.as_tensor([verb_mask_at, object_mask_at], device=device)
+    for item in items:
         if model.config.takes_features and item.features is None:
             raise ValueError(f"{item.video_id}: the model takes clip features but the item has none")
-        clip_features = item.features if model.config.takes_features else None
-        inputs = feature_inputs(vocab, ids, clip_features, device)
-        out = model(input_ids, token_types, mlm_positions=positions, **inputs)
-        logits = out["mlm_logits"].float().cpu().numpy()
-        verb_scores[n] = logits[0, verb_ids]
-        object_scores[n] = logits[1, object_ids]
+    videos = [(item.video_tokens, item.features) for item in items]
+    verb_scores, object_scores = template_word_scores(
+        model, vocab, encode_text, videos, verbs, objects, max_len, prefix
+    )
     verb_targets = np.asarray([verbs.index(item.verb) for item in items])
     object_targets = np.asarray([objects.index(item.object) for item in items])
     metrics = {
@@ -661,7 +691,8 @@ def evaluate_model(
     prefix = zero_shot_prefix(config, trained_on, verbs, objects)
     zs_metrics, zs_details = zero_shot(model, vocab, tokenizer.encode, items, max_len, verbs, objects, prefix)
     metrics |= zs_metrics
-    meta = {**meta, "unscored_labelled_videos": unscored, "zero_shot_template": f"{prefix} [MASK] the [MASK]"}
+    meta = {**meta, "unscored_labelled_videos": unscored, "zero_shot_template": zero_shot_template(prefix)}
+    meta["zero_shot_prefix"] = prefix
 
     plots_dir = Path(tempfile.mkdtemp(prefix="videobert-eval-"))
     plots: dict[str, Path] = {}

@@ -217,8 +217,8 @@ def classifier_model_card(name: str) -> str:
     return (
         f"# {name}\n\n"
         "Video classifiers made by `videobert finetune-classify`: a linear head on a pretrained "
-        "VideoBERT's video features (its pooled video embedding and, with `finetune.template_features`, "
-        "the zero-shot template's [MASK] outputs), trained on a labelled table (`finetune.labels`). Each "
+        "VideoBERT's video features (its pooled video embedding, `finetune.pooled_features`, and the "
+        "zero-shot template's [MASK] outputs, `finetune.template_features`), trained on a labelled table (`finetune.labels`). Each "
         "version carries the pretrained model's files (encoder, codebook, tokenizer, decode settings), "
         "its own weights and its class list, so `predict` takes raw video.\n\n"
         "Aliases: `candidate` is the newest version; `champion` the one with the best test top-1 "

@@ -102,6 +102,7 @@ class VideoBertPyfunc(mlflow.pyfunc.PythonModel):
         self.inputs: ModelInputs | None = ModelInputs.load(inputs) if inputs else None
         self.video_embedder: VideoFileEmbedder | None = None  # built on the first video batch
         self.templates: dict[str, tuple[np.ndarray, list[int]]] = {}
+        self.text_tokenizer: Any = None  # loaded on first use (`encode_text`)
 
     def predict(self, context: Any, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         columns = set(model_input.columns)
@@ -126,17 +127,23 @@ class VideoBertPyfunc(mlflow.pyfunc.PythonModel):
             self.video_embedder = self.inputs.video_embedder(self.model, self.vocab, max_len)
         return self.video_embedder
 
+    def encode_text(self, text: str) -> list[int]:
+        """Text -> WordPiece ids by the version's own tokenizer (loaded once)."""
+        if self.text_tokenizer is None:
+            from videobert.text_tokenizer import TextTokenizer
+
+            if self.inputs is None or not self.inputs.tokenizer_uri:
+                raise ValueError("this model version carries no tokenizer")
+            self.text_tokenizer = TextTokenizer.load(self.inputs.tokenizer_uri)
+        return self.text_tokenizer.encode(text)
+
     def template_ids(self, template: str) -> tuple[np.ndarray, list[int]]:
         """A text template's joint ids and [MASK] positions (`captioning.template_ids`), through
         the version's own tokenizer; computed once per template."""
         if template not in self.templates:
             from videobert.captioning import template_ids
-            from videobert.text_tokenizer import TextTokenizer
 
-            if self.inputs is None or not self.inputs.tokenizer_uri:
-                raise ValueError("this model version carries no tokenizer")
-            encode = TextTokenizer.load(self.inputs.tokenizer_uri).encode
-            self.templates[template] = template_ids(template, encode, self.vocab)
+            self.templates[template] = template_ids(template, self.encode_text, self.vocab)
         return self.templates[template]
 
 
