@@ -1,7 +1,7 @@
 """`videobert finetune-classify`: a video classifier on a pretrained VideoBERT, registered as
 its own model (`finetune.classifier_name`, default `videobert-classifier`).
 
-    videobert finetune-classify --config configs/demo.yaml [--set finetune.mode=full]
+    videobert finetune-classify --config configs/demo.yaml [--set finetune.steps=300]
 
 1. `finetune.model_uri` (default the pretrained champion) is resolved to one version, and
    `finetune.labels` is read and split (videobert/classification.py).

@@ -702,7 +702,8 @@ class FinetuneConfig:
         if self.zero_shot_weight and self.mode == "full":
             # zero-shot is the pretrained model's; a `full` version carries only its fine-tuned encoder
             raise ConfigError(
-                "finetune.zero_shot_weight needs finetune.mode linear_probe (the pretrained encoder)"
+                "finetune.zero_shot_weight needs finetune.mode linear_probe (zero-shot is the pretrained "
+                "encoder's); set finetune.zero_shot_weight=0 to fine-tune fully"
             )
         if not (self.pooled_features or self.template_features):
             raise ConfigError("finetune.pooled_features and finetune.template_features cannot both be false")
