@@ -16,8 +16,8 @@ pretrained VideoBERT's video features, trained and scored on the table's test sp
   zero-shot template with the clip (template [>] video, `captioning.segment_parts`, video cut
   to fit one sequence), as the paper feeds its downstream models (§4.6). The pooled embedding
   alone lost to the template itself once the demo model named verbs (0.83-0.92 against
-  zero-shot 1.00 on one champion), and next to the template it still pulled the head under
-  the template on one demo champion of three (README); the template part alone did not. The
+  zero-shot 1.00 on one champion); no input alone kept the head at zero-shot's accuracy on
+  every demo champion (README), hence the blend below. The
   template part is generic hidden states, so any label set works, not only "<verb> the
   <object>"; the registered classifier's `predict` computes the same parts from the raw video.
 - **Visual words** (`clip_words`): extract's features of the clip's video (the labelled set's
@@ -345,7 +345,7 @@ def head_inputs(
     pooled: bool = True,
 ) -> torch.Tensor:
     """The head's input per clip (module doc): the pooled embedding [N, H] (`pooled`), then with
-    `template` (`captioning.template_ids` of TEMPLATE) the template's mean [MASK] output [N, H]:
+    `template` (`captioning.template_ids` of the zero-shot template) its mean [MASK] output [N, H]:
     [N, H] or [N, 2H]. Differentiable (grad is the caller's choice)."""
     from videobert.embedding import pooled_embeddings
 

@@ -144,6 +144,12 @@ def classify_rows(
     )
 
 
+def readable_rows(embedded: pd.DataFrame) -> tuple[list[int], list[np.ndarray]]:
+    """`predict_videos`' rows that have an embedding, and their visual words."""
+    rows = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
+    return rows, [np.asarray(embedded["visual_words"][i], np.int64) for i in rows]
+
+
 class VideoClassifierPyfunc(VideoBertPyfunc):
     """`predict(DataFrame with video[, start_s, end_s])` -> label, scores, error (module doc)."""
 
@@ -171,11 +177,10 @@ class VideoClassifierPyfunc(VideoBertPyfunc):
         from videobert.classification import template_outputs
         from videobert.embedding import embedding_max_len
 
-        rows = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
+        rows, words = readable_rows(embedded)
         if not rows:
             return {}
         template = self.template_ids(self.loaded.template)
-        words = [np.asarray(embedded["visual_words"][i], np.int64) for i in rows]
         max_len = embedding_max_len(self.model, self.metadata)
         masked = template_outputs(self.model.eval(), self.vocab, template, words, max_len)
         return dict(zip(rows, masked.cpu(), strict=True))
@@ -188,7 +193,7 @@ class VideoClassifierPyfunc(VideoBertPyfunc):
         from videobert.classification import class_log_scores, zero_shot_words
         from videobert.evaluation import template_word_scores
 
-        rows = [i for i, e in enumerate(embedded["embedding"]) if e is not None]
+        rows, words = readable_rows(embedded)
         if not rows:
             return {}
         settings = self.loaded.zero_shot
@@ -196,7 +201,7 @@ class VideoClassifierPyfunc(VideoBertPyfunc):
             {label: tuple(pair) for label, pair in settings["pairs"].items()} if settings["pairs"] else None
         )
         verbs, objects = zero_shot_words(self.loaded.classes, pairs)
-        videos = [(np.asarray(embedded["visual_words"][i], np.int64), None) for i in rows]
+        videos = [(f"row {i}", w, None) for i, w in zip(rows, words, strict=True)]
         max_len = int(self.metadata.get("max_seq_len", self.model.config.max_positions))
         scores = template_word_scores(
             self.model.eval(),

@@ -646,8 +646,8 @@ class FinetuneConfig:
     embedding alone (`videobert embed`'s)."""
     pooled_features: bool = True
     """Feed the head the pooled video embedding (`[CLS] video [SEP]`, `videobert embed`'s). False,
-    with `template_features`: the template's [MASK] outputs alone, which on the demo kept the
-    head at the template's own accuracy where the pooled part pulled it under (README)."""
+    with `template_features`: the template's [MASK] outputs alone (on the demo as good as zero-shot
+    on three champions of four, and under it on the fourth: README)."""
     zero_shot_weight: float = 0.0
     """The classifier's scores blend the head's log-probabilities with zero-shot's (the same
     template's class scores), weighted (1 - w) and w, in training's test scores and in

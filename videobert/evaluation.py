@@ -304,15 +304,15 @@ def template_word_scores(
     model: VideoBert,
     vocab: JointVocab,
     encode_text: Callable[[str], list[int]],
-    videos: Sequence[tuple[Sequence[int], np.ndarray | None]],
+    videos: Sequence[tuple[str, Sequence[int], np.ndarray | None]],
     verbs: Sequence[str],
     objects: Sequence[str],
     max_len: int,
     prefix: str = ZERO_SHOT_PREFIX,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The template "`prefix` [MASK] the [MASK]" against each video ((visual words, clip
-    features or None) in order): [videos, verbs] and [videos, objects], each candidate word's
-    logit of its first WordPiece at its [MASK] (see `zero_shot`)."""
+    """The template "`prefix` [MASK] the [MASK]" against each video ((name for messages, visual
+    words, clip features or None) in order): [videos, verbs] and [videos, objects], each
+    candidate word's logit of its first WordPiece at its [MASK] (see `zero_shot`)."""
     verb_ids = np.asarray([vocab.text_ids(encode_text(v)[0]) for v in verbs])
     object_ids = np.asarray([vocab.text_ids(encode_text(o)[0]) for o in objects])
     prefix_ids = vocab.text_ids(np.asarray(encode_text(prefix), np.int64))
@@ -323,7 +323,7 @@ def template_word_scores(
     device = next(model.parameters()).device
     verb_scores = np.zeros((len(videos), len(verbs)), np.float32)
     object_scores = np.zeros((len(videos), len(objects)), np.float32)
-    for n, (tokens, features) in enumerate(videos):
+    for n, (name, tokens, features) in enumerate(videos):
         video = vocab.video_ids(np.asarray(tokens, np.int64))[: max_len - len(text) - 3]
         ids = np.concatenate([[CLS], text, [VIDEO_SEP], video, [SEP]]).astype(np.int64)
         types = np.concatenate([np.full(len(text) + 2, TEXT_TYPE), np.full(len(video) + 1, VIDEO_TYPE)])
@@ -331,7 +331,7 @@ def template_word_scores(
         token_types = torch.as_tensor(types.astype(np.int64), device=device)[None]
         positions = torch.as_tensor([verb_mask_at, object_mask_at], device=device)
         if model.config.takes_features and features is None:
-            raise ValueError(f"video {n}: the model takes clip features but none were given")
+            raise ValueError(f"{name}: the model takes clip features but the video has none")
         inputs = feature_inputs(vocab, ids, features if model.config.takes_features else None, device)
         out = model(input_ids, token_types, mlm_positions=positions, **inputs)
         logits = out["mlm_logits"].float().cpu().numpy()
@@ -362,10 +362,7 @@ def zero_shot(
         return {}, {}
     verbs = sorted(set(verbs or ()) | {item.verb for item in items})
     objects = sorted(set(objects or ()) | {item.object for item in items})
-    for item in items:
-        if model.config.takes_features and item.features is None:
-            raise ValueError(f"{item.video_id}: the model takes clip features but the item has none")
-    videos = [(item.video_tokens, item.features) for item in items]
+    videos = [(item.video_id, item.video_tokens, item.features) for item in items]
     verb_scores, object_scores = template_word_scores(
         model, vocab, encode_text, videos, verbs, objects, max_len, prefix
     )
