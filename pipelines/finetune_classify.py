@@ -209,6 +209,12 @@ def run(config: ExperimentConfig) -> FinetuneResult:
     metrics["unreadable_clips"] = float(len(unreadable))
     notes = {"pretrained model": pretrained.uri, "labels": redact(settings.labels), "mode": settings.mode}
     notes["zero-shot template"] = zero_shot_template(prefix)
+    blend = cls.blend_weight(settings, task.pairs)
+    if settings.zero_shot_weight and not blend:
+        log.warning("finetune.zero_shot_weight ignored: the table names no (verb, object) pair per class")
+    notes["zero-shot weight"] = f"{blend:g}" + (
+        "" if blend or not settings.zero_shot_weight else " (no verb/object pairs)"
+    )
     record_run(run_id, metrics, classes, confusions, unreadable, notes)
     info = {
         "pretrained_model": pretrained.uri,
@@ -231,9 +237,7 @@ def run(config: ExperimentConfig) -> FinetuneResult:
         "pooled": settings.pooled_features,
         "template": zero_shot_template(prefix) if settings.template_features else None,
         # what `predict` blends with the head's scores (finetune.zero_shot_weight)
-        "zero_shot": {"weight": settings.zero_shot_weight, "prefix": prefix, "pairs": task.pairs}
-        if settings.zero_shot_weight
-        else None,
+        "zero_shot": {"weight": blend, "prefix": prefix, "pairs": task.pairs} if blend else None,
         "run_id": run_id,
     }
     version = register_classifier(
@@ -246,7 +250,7 @@ def run(config: ExperimentConfig) -> FinetuneResult:
     verdict = "promoted to champion" if decision.promoted else "kept the current champion"
     print(
         f"finetune-classify: {name} v{version} on {pretrained.uri}: test top-1 {metrics['test_top1']:.3f} "
-        + (f"(head alone {metrics['head_top1']:.3f}, " if settings.zero_shot_weight else "(")
+        + (f"(head alone {metrics['head_top1']:.3f}, " if blend else "(")
         + f"zero-shot {metrics['zero_shot_top1']:.3f}, chance {metrics['chance']:.3f}) over {len(classes)} "
         f"classes, {len(test)} test clips; {verdict} ({decision.reason})"
     )

@@ -231,6 +231,15 @@ def test_zero_shot_blend_in_training_and_predict(finetuned, evaluated: Evaluated
         torch.softmax(torch.as_tensor(scores[0]), -1).tolist(), abs=1e-5
     )
 
+    # a table of labels alone: zero-shot cannot name its classes, so no blend (blend_weight)
+    labels_only = Path(config.finetune.labels).with_name("labels_only.csv")
+    pd.read_csv(config.finetune.labels).drop(columns=["verb", "object"]).to_csv(labels_only, index=False)
+    settings = dataclasses.replace(settings, labels=str(labels_only))
+    alone = finetune_classify.run(dataclasses.replace(config, finetune=settings))
+    assert alone.metrics["test_top1"] == alone.metrics["head_top1"]
+    unblended = mlflow.pyfunc.load_model(f"models:/{CLASSIFIER}/{alone.version}").unwrap_python_model()
+    assert unblended.loaded.zero_shot is None
+
 
 def test_split_by_column_or_by_video_hash(tmp_path: Path) -> None:
     table = tmp_path / "classes.csv"

@@ -32,7 +32,8 @@ pretrained VideoBERT's video features, trained and scored on the table's test sp
   training embeddings' mean and deviation (fixed) before one linear layer.
 - **Blended with zero-shot** (`blend_with_zero_shot`, `finetune.zero_shot_weight` w): the
   classifier's scores are softmax((1 - w) log p_head + w log p_zero-shot), with zero-shot's
-  class scores below; the registered model's `predict` blends the same way. On the demo the
+  class scores below; the registered model's `predict` blends the same way. Only for classes
+  that are (verb, object) pairs (`blend_weight`): a table of labels alone gets the head alone. On the demo the
   head alone fitted some champions' training clips in ways that missed held-out ones, which
   zero-shot named (README).
 - **Zero-shot next to it** (`zero_shot_class_scores`): the same pretrained model, before any
@@ -510,6 +511,15 @@ def zero_shot_class_scores(
     return {k: metrics[k] for k in ("zero_shot_verb_top1", "zero_shot_object_top1")}, scores
 
 
+def blend_weight(settings: FinetuneConfig, pairs: dict[str, tuple[str, str]] | None) -> float:
+    """The zero-shot weight a classifier blends with: `finetune.zero_shot_weight` when the classes
+    are (verb, object) pairs, which the template's two [MASK]s name; 0 for a table of labels
+    alone, whose zero-shot (a label's first WordPiece at one [MASK]) can be no better than
+    chance: on the demo champion with object labels, two of them not words, the blend at 0.67
+    fell to 0.50 where the head alone scored 1.00."""
+    return settings.zero_shot_weight if pairs else 0.0
+
+
 def blend_with_zero_shot(
     head_logits: torch.Tensor, zero_shot_scores: torch.Tensor, weight: float
 ) -> torch.Tensor:
@@ -618,7 +628,9 @@ def train_classifier(task: FinetuneTask) -> TrainedClassifier:
     return TrainedClassifier(
         head={k: v.detach().cpu().contiguous() for k, v in head.state_dict().items()},
         encoder=encoder,
-        test_scores=blend_with_zero_shot(test_logits, torch.as_tensor(zs_scores), settings.zero_shot_weight)
+        test_scores=blend_with_zero_shot(
+            test_logits, torch.as_tensor(zs_scores), blend_weight(settings, task.pairs)
+        )
         .cpu()
         .numpy()
         .astype(np.float64),

@@ -652,7 +652,8 @@ class FinetuneConfig:
     """The classifier's scores blend the head's log-probabilities with zero-shot's (the same
     template's class scores), weighted (1 - w) and w, in training's test scores and in
     `predict` (an output-space ensemble with the zero-shot model, as WiSE-FT's): 0, the head
-    alone; 1, zero-shot alone. `head_top1` reports the head alone."""
+    alone; 1, zero-shot alone. `head_top1` reports the head alone. Only for a table whose `verb`
+    and `object` columns name one pair per class (`classification.blend_weight`)."""
     model_uri: str | None = None
     """The pretrained model, models:/<name>@<alias> or /<version> (resolved to one version first);
     None: models:/<mlflow.registered_model>@champion."""
